@@ -1,0 +1,261 @@
+"""Defaults for every config section and `validate`, which fails on unknown keys and bad values.
+
+A run's config is an `ml_collections.ConfigDict` built by an experiment file
+(`experiments/NAME.py` with `get_config(arg=None)`) that starts from `default_config()` and
+overrides a few keys, then by `--config.a.b=v` flags. `default_config()` is the schema: every
+valid key exists in it, so an unknown key anywhere (a typo in an experiment file or an override)
+is an error that names the full dotted path and the nearest valid name.
+
+`stage` names the runner of the run; `STAGES` maps each stage to its entry point as a
+"module:function" string (resolved lazily by the CLI, so this module imports nothing heavy). Later
+stages (e.g. 'rl') add one entry here and their own section of defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from typing import Any, Iterable
+
+import ml_collections
+
+from fwm.data.features import DEFAULT_TRAINED_ROLES
+from fwm.data.records import ON_BAD_RECORD, ROLES
+from fwm.model.transformer import ModelConfig
+
+# stage name -> "module:function" taking (config) and running the stage in config.train.workdir.
+STAGES: dict[str, str] = {
+    "pretrain": "fwm.train.loop:run",   # stage 0: base model from scratch on plain documents
+    "mid_train": "fwm.train.loop:run",  # WM-AMT or plain mid-training: packed LM batches
+    "sft": "fwm.train.loop:run",        # FE-SFT / plain SFT: prompt masked, span ids
+}
+SCHEDULES = ("cosine", "linear", "constant")
+_INIT_SOURCE = re.compile(r"^(scratch|orbax:.+|hf:.+)$")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the dotted key and what was expected."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every section with its defaults (a small CPU-sized run unless an experiment says otherwise)."""
+    c = ml_collections.ConfigDict()
+    c.stage = "pretrain"
+
+    # Where the parameters come from. 'scratch' (fresh, shapes from `model`), 'orbax:PATH' (a params
+    # checkpoint or a training checkpoint of an earlier stage: params only, fresh optimiser) or
+    # 'hf:PATH' (a Hugging Face directory). Called `source` because `from` cannot be written as a
+    # --config.init.from override (it is a Python keyword).
+    c.init = ml_collections.ConfigDict()
+    c.init.source = "scratch"
+
+    # ModelConfig fields. With init.source 'scratch' they define the model (vocab_size 0: the
+    # tokenizer's size). With a checkpoint its own shapes win; the numerics below still apply.
+    c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
+    c.model.vocab_size = 0
+
+    # tokenizer.path: a SentencePiece .model or an HF tokenizer.json / directory; '' means
+    # WORKDIR/tokenizer.model, trained from data.train_files on first use (settings in `train`).
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.path = ""
+    c.tokenizer.train = ml_collections.ConfigDict()
+    c.tokenizer.train.vocab_size = 512
+    c.tokenizer.train.max_texts = 20000        # texts read from data.train_files to train it
+    c.tokenizer.train.character_coverage = 1.0
+    c.tokenizer.train.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_files = ()                    # JSONL / Parquet / ArrayRecord files (globs allowed)
+    c.data.eval_files = ()                     # held-out split; empty: no periodic eval
+    c.data.seq_len = 128
+    c.data.batch_size = 8                      # global rows per step (split over processes)
+    c.data.trained_roles = tuple(DEFAULT_TRAINED_ROLES)  # LM stages: what is a target
+    c.data.pack = False                        # SFT: first-fit pack samples into rows
+    c.data.add_bos = True
+    c.data.add_eos = True
+    c.data.on_bad_record = "raise"             # or 'skip' (counted in the logs)
+    c.data.worker_count = 0                    # Grain worker processes (0: in the main process)
+    c.data.read_threads = 2
+    c.data.shuffle = True
+    c.data.seed = 0
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 3e-4
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1
+    c.optim.decay_embeddings = False           # norms and biases are never decayed
+    c.optim.warmup_steps = 100
+    c.optim.schedule = "cosine"                # after warmup: cosine | linear | constant
+    c.optim.min_lr_ratio = 0.1                 # final lr / peak lr for cosine and linear
+    c.optim.clip_norm = 1.0                    # global-norm clipping; 0 disables it
+    c.optim.micro_batches = 1                  # gradient accumulation steps per optimiser step
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.log_every = 10
+    c.train.ckpt_every = 200
+    c.train.keep_ckpts = 3
+    c.train.eval_every = 200
+    c.train.eval_batches = 8
+    c.train.seed = 0
+    c.train.workdir = ""                       # set by --workdir
+    c.train.async_checkpoint = True
+    c.train.peak_flops_per_device = 0.0        # MFU denominator; 0: the table in fwm/train/metrics.py
+    return c
+
+
+def _nearest(name: str, options: Iterable[str]) -> str:
+    """'did you mean X?' with the closest option by difflib's ratio, then every valid key."""
+    options = sorted(options)
+    best = max(options, key=lambda option: difflib.SequenceMatcher(None, name, option).ratio())
+    return f"did you mean {best!r}? (valid keys here: {', '.join(options)})"
+
+
+def check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict | None = None,
+               prefix: str = "") -> None:
+    """Raises ConfigError on the first key of `config` that `schema` (default_config()) lacks."""
+    schema = default_config() if schema is None else schema
+    for key in config.keys():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(f"unknown config key {path!r}: {_nearest(key, schema.keys())}")
+        value, expected = config[key], schema[key]
+        if isinstance(expected, ml_collections.ConfigDict):
+            if not isinstance(value, (ml_collections.ConfigDict, dict)):
+                raise ConfigError(f"config key {path!r} is a section; expected a dict of {sorted(expected.keys())}, "
+                                  f"got {value!r}")
+            check_keys(ml_collections.ConfigDict(value) if isinstance(value, dict) else value, expected, path + ".")
+
+
+def check_override_args(argv: Iterable[str], flag_name: str = "config") -> None:
+    """Checks the dotted paths of `--config.a.b=v` arguments against default_config().
+
+    ml_collections' own error for an unknown override path is a traceback without the path; this
+    one runs before flag parsing and names the full path and the nearest valid key.
+    """
+    schema = default_config()
+    marker = f"--{flag_name}."
+    for arg in argv:
+        if not arg.startswith(marker):
+            continue
+        path = arg[len(marker):].split("=", 1)[0]
+        node, walked = schema, []
+        for part in path.split("."):
+            here = ".".join(walked + [part])
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise ConfigError(f"--{flag_name}.{path}: {'.'.join(walked)!r} is not a section")
+            if part not in node:
+                raise ConfigError(f"unknown config key {here!r} (from {arg.split('=', 1)[0]}): "
+                                  f"{_nearest(part, node.keys())}")
+            node, walked = node[part], walked + [part]
+
+
+def _type_error(path: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"config key {path!r}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+# Keys whose default is None (any of these types, or None, is accepted).
+_NULLABLE = {"model.rope_scaling": (tuple, list)}
+
+
+def check_types(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict | None = None,
+                prefix: str = "") -> None:
+    """Every leaf has its default's type (ints accepted for floats, lists for tuples)."""
+    schema = default_config() if schema is None else schema
+    for key in schema.keys():
+        path, expected = f"{prefix}{key}", schema[key]
+        if key not in config:
+            raise ConfigError(f"config key {path!r} is missing (default_config() has it)")
+        value = config[key]
+        if isinstance(expected, ml_collections.ConfigDict):
+            check_types(value, expected, path + ".")
+        elif expected is None:
+            allowed = _NULLABLE.get(path, (object,))
+            if value is not None and not isinstance(value, allowed):
+                raise _type_error(path, f"None or one of {[t.__name__ for t in allowed]}", value)
+        elif isinstance(expected, bool):
+            if not isinstance(value, bool):
+                raise _type_error(path, "a bool", value)
+        elif isinstance(expected, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _type_error(path, "an int", value)
+        elif isinstance(expected, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _type_error(path, "a number", value)
+        elif isinstance(expected, str):
+            if not isinstance(value, str):
+                raise _type_error(path, "a string", value)
+        elif isinstance(expected, (tuple, list)):
+            if not isinstance(value, (tuple, list)):
+                raise _type_error(path, "a tuple/list", value)
+
+
+def _require(ok: bool, path: str, expected: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key {path!r}: expected {expected}, got {value!r}")
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+    """Choices, ranges and the cross-key constraints a run needs."""
+    c = config
+    _require(c.stage in STAGES, "stage", f"one of {sorted(STAGES)}", c.stage)
+    _require(bool(_INIT_SOURCE.match(c.init.source)), "init.source", "'scratch', 'orbax:PATH' or 'hf:PATH'",
+             c.init.source)
+    model_fields = c.model.to_dict()
+    if model_fields["vocab_size"] == 0:
+        model_fields["vocab_size"] = 1  # taken from the tokenizer at start-up
+    try:
+        model_config_from(model_fields)
+    except ValueError as err:
+        raise ConfigError(f"config section 'model': {err}") from err
+    for name in ("seq_len", "batch_size"):
+        _require(c.data[name] > 0, f"data.{name}", "a positive int", c.data[name])
+    _require(c.data.seq_len <= c.model.max_seq_len, "data.seq_len", f"<= model.max_seq_len={c.model.max_seq_len}",
+             c.data.seq_len)
+    _require(c.data.on_bad_record in ON_BAD_RECORD, "data.on_bad_record", f"one of {ON_BAD_RECORD}",
+             c.data.on_bad_record)
+    bad_roles = sorted(set(c.data.trained_roles) - set(ROLES))
+    _require(not bad_roles, "data.trained_roles", f"roles from {ROLES}", tuple(c.data.trained_roles))
+    _require(c.data.worker_count >= 0, "data.worker_count", "an int >= 0", c.data.worker_count)
+    _require(c.data.read_threads >= 0, "data.read_threads", "an int >= 0", c.data.read_threads)
+    for axis in ("data", "fsdp", "tensor"):
+        _require(c.mesh[axis] == -1 or c.mesh[axis] > 0, f"mesh.{axis}", "a positive int or -1", c.mesh[axis])
+    _require(list(c.mesh.values()).count(-1) <= 1, "mesh", "at most one axis of -1", c.mesh.to_dict())
+    _require(c.optim.lr >= 0, "optim.lr", "a learning rate >= 0", c.optim.lr)
+    for name in ("b1", "b2"):
+        _require(0 <= c.optim[name] < 1, f"optim.{name}", "a value in [0, 1)", c.optim[name])
+    _require(c.optim.eps > 0, "optim.eps", "a value > 0", c.optim.eps)
+    _require(c.optim.weight_decay >= 0, "optim.weight_decay", "a value >= 0", c.optim.weight_decay)
+    _require(c.optim.warmup_steps >= 0, "optim.warmup_steps", "an int >= 0", c.optim.warmup_steps)
+    _require(c.optim.schedule in SCHEDULES, "optim.schedule", f"one of {SCHEDULES}", c.optim.schedule)
+    _require(0 <= c.optim.min_lr_ratio <= 1, "optim.min_lr_ratio", "a value in [0, 1]", c.optim.min_lr_ratio)
+    _require(c.optim.clip_norm >= 0, "optim.clip_norm", "a value >= 0 (0 disables clipping)", c.optim.clip_norm)
+    _require(c.optim.micro_batches >= 1, "optim.micro_batches", "an int >= 1", c.optim.micro_batches)
+    _require(c.data.batch_size % c.optim.micro_batches == 0, "optim.micro_batches",
+             f"a divisor of data.batch_size={c.data.batch_size}", c.optim.micro_batches)
+    for name in ("steps", "log_every", "ckpt_every", "keep_ckpts", "eval_every", "eval_batches"):
+        _require(c.train[name] >= 1, f"train.{name}", "an int >= 1", c.train[name])
+    _require(c.train.peak_flops_per_device >= 0, "train.peak_flops_per_device", "a value >= 0 (0: table)",
+             c.train.peak_flops_per_device)
+    _require(c.tokenizer.train.vocab_size > 0, "tokenizer.train.vocab_size", "a positive int",
+             c.tokenizer.train.vocab_size)
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Unknown keys, then types, then values; raises ConfigError naming the dotted key. Returns config."""
+    check_keys(config)
+    check_types(config)
+    check_values(config)
+    return config
+
+
+def model_config_from(fields: dict[str, Any]) -> ModelConfig:
+    """ModelConfig from the `model` section's fields (lists become tuples)."""
+    fields = dict(fields)
+    if fields.get("rope_scaling") is not None:
+        fields["rope_scaling"] = tuple(fields["rope_scaling"])
+    return ModelConfig.from_dict(fields)

@@ -1,0 +1,67 @@
+"""Training checkpoints: an orbax CheckpointManager over Composite(state, data, meta) in WORKDIR/checkpoints.
+
+Each step directory holds three items (names shared with fwm/model/checkpoint.py, whose
+`load_params` reads `state.params` of these directories for the next stage):
+  state/  StandardSave(TrainState)         -- params, optimiser state, step; sharded arrays
+  data/   the Grain iterator's position     -- resumes on exactly the next batch
+  meta/   JsonSave({model_config, config, tokenizer, stage, step})
+The manager is Composite from its first save (an orbax manager that once saved one unnamed item
+cannot later take Composite args). Saves are asynchronous: `save` returns once the arrays are
+copied off the devices, so the next (donating) step may run while files are written; an
+unfinished save leaves only a temporary directory that orbax ignores and cleans up.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import grain
+import orbax.checkpoint as ocp
+
+from fwm.data.checkpointing import checkpoint_args_restore, checkpoint_args_save
+from fwm.model.checkpoint import META_ITEM, STATE_ITEM
+from fwm.train.state import TrainState
+
+DATA_ITEM = "data"
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def checkpoint_root(workdir: str) -> str:
+    """Absolute directory of a workdir's step checkpoints (orbax wants absolute paths)."""
+    return os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR))
+
+
+def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+    """Manager keeping the newest `keep` step checkpoints of `workdir`."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+    )
+    return ocp.CheckpointManager(checkpoint_root(workdir), options=options,
+                                 item_names=(STATE_ITEM, DATA_ITEM, META_ITEM))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: TrainState, data_iterator: grain.DatasetIterator,
+         meta: Mapping[str, Any]) -> None:
+    """Starts saving step `step` (asynchronously unless the manager is synchronous)."""
+    args = ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardSave(state),
+        DATA_ITEM: checkpoint_args_save(data_iterator),
+        META_ITEM: ocp.args.JsonSave(dict(meta)),
+    })
+    manager.save(step, args=args, force=True)
+
+
+def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The meta JSON of step `step` (read first: it says which model the state holds)."""
+    return manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
+
+
+def restore(manager: ocp.CheckpointManager, step: int, target: TrainState,
+            data_iterator: grain.DatasetIterator) -> TrainState:
+    """State of step `step` onto the shardings of `target` (ShapeDtypeStructs with shardings);
+    `data_iterator` (fresh, same pipeline) is moved in place to the saved position."""
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        STATE_ITEM: ocp.args.StandardRestore(target),
+        DATA_ITEM: checkpoint_args_restore(data_iterator),
+    }))
+    return restored[STATE_ITEM]

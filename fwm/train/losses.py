@@ -1,0 +1,79 @@
+"""Supervised losses as (sum, token count) pairs: weighted next-token NLL on the data pipeline's batches.
+
+Batches follow the input-aligned convention of fwm/data/features.py: at position t the model reads
+`tokens_BxL[:, :t+1]` and is scored on `targets_BxL[:, t]` with weight `loss_weights_BxL[:, t]`; no
+shifting happens here. A loss returns the weighted SUM of NLLs and the SUM of weights, never a mean,
+so micro-batch accumulation and data parallelism add sums and divide once by the total count: the
+exact token mean of the whole step, however the batch was split.
+
+Registry: `LOSSES` maps a stage name (config `stage`) to its loss function. Every loss has the
+signature `loss(model_cfg, params, batch) -> (loss_sum, (token_count, aux))` where aux is a dict of
+further sums (e.g. SFT's per-span sums and counts) that the step adds up like the loss.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from fwm import schema
+from fwm.model import transformer
+
+LM_BATCH_KEYS = ("tokens_BxL", "targets_BxL", "segment_ids_BxL", "positions_BxL", "loss_weights_BxL")
+SFT_BATCH_KEYS = LM_BATCH_KEYS + ("span_ids_BxL",)
+# Span ids (fwm.schema) with their own loss in SFT metrics: the foresight part and the acting part.
+SFT_SPANS = {"world_model": schema.SPAN_WORLD_MODEL, "policy": schema.SPAN_POLICY}
+
+LossOutput = tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def token_nll(model_cfg: transformer.ModelConfig, params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """nll_BxL (float32): -log p(targets_BxL[b, t] | tokens_BxL[b, :t+1]) within each packed segment."""
+    logits_BxLxV = transformer.forward(model_cfg, params, batch["tokens_BxL"], batch["positions_BxL"],
+                                       batch["segment_ids_BxL"])
+    log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    # One-hot contraction rather than a gather: it stays a local reduce when the vocab is sharded.
+    onehot_BxLxV = jax.nn.one_hot(batch["targets_BxL"], model_cfg.vocab_size, dtype=logits_BxLxV.dtype)
+    target_logit_BxL = jnp.sum(logits_BxLxV * onehot_BxLxV, axis=-1)
+    return log_z_BxL - target_logit_BxL
+
+
+def lm_loss(model_cfg: transformer.ModelConfig, params: Any, batch: Mapping[str, jax.Array]) -> LossOutput:
+    """Pretraining / mid-training: sum of loss_weights * NLL, and the sum of weights."""
+    weights_BxL = batch["loss_weights_BxL"].astype(jnp.float32)
+    nll_BxL = token_nll(model_cfg, params, batch)
+    return jnp.sum(weights_BxL * nll_BxL), (jnp.sum(weights_BxL), {})
+
+
+def sft_loss(model_cfg: transformer.ModelConfig, params: Any, batch: Mapping[str, jax.Array]) -> LossOutput:
+    """SFT: the LM loss on response tokens (the pipeline's weights mask the prompt), plus per-span sums."""
+    weights_BxL = batch["loss_weights_BxL"].astype(jnp.float32)
+    nll_BxL = token_nll(model_cfg, params, batch)
+    aux = {}
+    for name, span_id in SFT_SPANS.items():
+        in_span_BxL = weights_BxL * (batch["span_ids_BxL"] == span_id).astype(jnp.float32)
+        aux[f"loss_sum_{name}"] = jnp.sum(in_span_BxL * nll_BxL)
+        aux[f"tokens_{name}"] = jnp.sum(in_span_BxL)
+    return jnp.sum(weights_BxL * nll_BxL), (jnp.sum(weights_BxL), aux)
+
+
+LOSSES: dict[str, Callable[..., LossOutput]] = {
+    "pretrain": lm_loss,
+    "mid_train": lm_loss,
+    "sft": sft_loss,
+}
+BATCH_KEYS: dict[str, tuple[str, ...]] = {"pretrain": LM_BATCH_KEYS, "mid_train": LM_BATCH_KEYS,
+                                          "sft": SFT_BATCH_KEYS}
+
+
+def span_metrics(aux: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-span mean losses from summed aux entries (`loss_sum_X` / `tokens_X`; 0 where a span is empty)."""
+    out = {}
+    for key, value in aux.items():
+        if key.startswith("loss_sum_"):
+            name = key[len("loss_sum_"):]
+            count = aux[f"tokens_{name}"]
+            out[f"loss_{name}"] = value / jnp.maximum(count, 1.0)
+            out[f"tokens_{name}"] = count
+    return out
