@@ -13,12 +13,13 @@ stages (e.g. 'rl') add one entry here and their own section of defaults.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from typing import Any, Iterable
 
 import ml_collections
 
+from fwm import configlib
+from fwm.configlib import ConfigError, require as _require
 from fwm.data.features import DEFAULT_TRAINED_ROLES
 from fwm.data.records import ON_BAD_RECORD, ROLES
 from fwm.model.transformer import ModelConfig
@@ -31,10 +32,6 @@ STAGES: dict[str, str] = {
 }
 SCHEDULES = ("cosine", "linear", "constant")
 _INIT_SOURCE = re.compile(r"^(scratch|orbax:.+|hf:.+)$")
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the dotted key and what was expected."""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -108,95 +105,9 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _nearest(name: str, options: Iterable[str]) -> str:
-    """'did you mean X?' with the closest option by difflib's ratio, then every valid key."""
-    options = sorted(options)
-    best = max(options, key=lambda option: difflib.SequenceMatcher(None, name, option).ratio())
-    return f"did you mean {best!r}? (valid keys here: {', '.join(options)})"
-
-
-def check_keys(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict | None = None,
-               prefix: str = "") -> None:
-    """Raises ConfigError on the first key of `config` that `schema` (default_config()) lacks."""
-    schema = default_config() if schema is None else schema
-    for key in config.keys():
-        path = f"{prefix}{key}"
-        if key not in schema:
-            raise ConfigError(f"unknown config key {path!r}: {_nearest(key, schema.keys())}")
-        value, expected = config[key], schema[key]
-        if isinstance(expected, ml_collections.ConfigDict):
-            if not isinstance(value, (ml_collections.ConfigDict, dict)):
-                raise ConfigError(f"config key {path!r} is a section; expected a dict of {sorted(expected.keys())}, "
-                                  f"got {value!r}")
-            check_keys(ml_collections.ConfigDict(value) if isinstance(value, dict) else value, expected, path + ".")
-
-
 def check_override_args(argv: Iterable[str], flag_name: str = "config") -> None:
-    """Checks the dotted paths of `--config.a.b=v` arguments against default_config().
-
-    ml_collections' own error for an unknown override path is a traceback without the path; this
-    one runs before flag parsing and names the full path and the nearest valid key.
-    """
-    schema = default_config()
-    marker = f"--{flag_name}."
-    for arg in argv:
-        if not arg.startswith(marker):
-            continue
-        path = arg[len(marker):].split("=", 1)[0]
-        node, walked = schema, []
-        for part in path.split("."):
-            here = ".".join(walked + [part])
-            if not isinstance(node, ml_collections.ConfigDict):
-                raise ConfigError(f"--{flag_name}.{path}: {'.'.join(walked)!r} is not a section")
-            if part not in node:
-                raise ConfigError(f"unknown config key {here!r} (from {arg.split('=', 1)[0]}): "
-                                  f"{_nearest(part, node.keys())}")
-            node, walked = node[part], walked + [part]
-
-
-def _type_error(path: str, expected: str, value: Any) -> ConfigError:
-    return ConfigError(f"config key {path!r}: expected {expected}, got {value!r} ({type(value).__name__})")
-
-
-# Keys whose default is None (any of these types, or None, is accepted).
-_NULLABLE = {"model.rope_scaling": (tuple, list)}
-
-
-def check_types(config: ml_collections.ConfigDict, schema: ml_collections.ConfigDict | None = None,
-                prefix: str = "") -> None:
-    """Every leaf has its default's type (ints accepted for floats, lists for tuples)."""
-    schema = default_config() if schema is None else schema
-    for key in schema.keys():
-        path, expected = f"{prefix}{key}", schema[key]
-        if key not in config:
-            raise ConfigError(f"config key {path!r} is missing (default_config() has it)")
-        value = config[key]
-        if isinstance(expected, ml_collections.ConfigDict):
-            check_types(value, expected, path + ".")
-        elif expected is None:
-            allowed = _NULLABLE.get(path, (object,))
-            if value is not None and not isinstance(value, allowed):
-                raise _type_error(path, f"None or one of {[t.__name__ for t in allowed]}", value)
-        elif isinstance(expected, bool):
-            if not isinstance(value, bool):
-                raise _type_error(path, "a bool", value)
-        elif isinstance(expected, int):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise _type_error(path, "an int", value)
-        elif isinstance(expected, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise _type_error(path, "a number", value)
-        elif isinstance(expected, str):
-            if not isinstance(value, str):
-                raise _type_error(path, "a string", value)
-        elif isinstance(expected, (tuple, list)):
-            if not isinstance(value, (tuple, list)):
-                raise _type_error(path, "a tuple/list", value)
-
-
-def _require(ok: bool, path: str, expected: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"config key {path!r}: expected {expected}, got {value!r}")
+    """Checks `--config.a.b=v` override paths against default_config() (see configlib)."""
+    configlib.check_override_args(argv, default_config(), flag_name)
 
 
 def check_values(config: ml_collections.ConfigDict) -> None:
@@ -247,8 +158,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Unknown keys, then types, then values; raises ConfigError naming the dotted key. Returns config."""
-    check_keys(config)
-    check_types(config)
+    schema = default_config()
+    configlib.check_keys(config, schema)
+    # model.rope_scaling defaults to None and otherwise holds the HF rope_scaling items.
+    configlib.check_types(config, schema, nullable={"model.rope_scaling": (tuple, list)})
     check_values(config)
     return config
 

@@ -43,13 +43,13 @@ import io
 import itertools
 import json
 import os
-import tempfile
 from typing import Any, Iterable, Sequence
 
 import sentencepiece as spm
 import tokenizers
 from absl import logging
 
+from fwm.files import atomic_open
 from fwm.schema import ALL_TAG_TOKENS
 
 Offsets = list[tuple[int, int]]
@@ -236,13 +236,8 @@ def train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int, 
                          f"{vocab_size}): {error}. If the corpus has more distinct characters than fit, raise "
                          f"vocab_size or lower character_coverage (rare characters then fall back to bytes)") from error
     tokenizer = SentencePieceTokenizer(buffer.getvalue(), model_path)
-    directory = os.path.dirname(os.path.abspath(model_path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, prefix=".tmp-", suffix=".model", delete=False) as f:
+    with atomic_open(model_path, "wb", suffix=".model") as f:
         f.write(buffer.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, model_path)
     return tokenizer
 
 

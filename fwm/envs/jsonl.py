@@ -1,10 +1,11 @@
-"""JSONL files for the environments: atomic writes, and reads whose errors name the file and line."""
+"""JSON and JSONL files: atomic writes, and reads whose errors name the file and line."""
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Iterable, Iterator
+
+from fwm.files import atomic_open
 
 
 class DataFormatError(ValueError):
@@ -12,35 +13,20 @@ class DataFormatError(ValueError):
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
-    """Writes one JSON object per line to a temporary file, then moves it onto `path`; returns the row count."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    """Writes one JSON object per line, atomically (atomic_open); returns the row count."""
     count = 0
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, prefix=".tmp_", suffix=".jsonl",
-                                     delete=False) as f:
-        try:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                count += 1
-        except BaseException:
-            f.close()
-            os.unlink(f.name)
-            raise
-    os.replace(f.name, path)
+    with atomic_open(path, suffix=".jsonl") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 
 def write_json(path: str | os.PathLike, value: Any) -> None:
-    """Writes one JSON document atomically (temporary file, then os.replace)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=directory, prefix=".tmp_", suffix=".json",
-                                     delete=False) as f:
+    """Writes one JSON document atomically (atomic_open)."""
+    with atomic_open(path, suffix=".json") as f:
         json.dump(value, f, ensure_ascii=False, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(f.name, path)
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
