@@ -5,6 +5,8 @@ Grain worker processes (which re-import the main module) stay cheap.
 """
 from __future__ import annotations
 
+import logging as pylogging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -14,16 +16,16 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_string("dtype", None, "convert: parameter dtype to write (float32, bfloat16, float16); default keeps it.")
 _TRAIN_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "train: experiment file experiments/NAME.py[:arg]; override keys with --config.a.b=v",
+    "config", None, "train, data: experiment file experiments/NAME.py[:arg]; override keys with --config.a.b=v",
     lock_config=True)
-flags.DEFINE_string("workdir", None, "train: the stage's directory (checkpoints, metrics.jsonl, TensorBoard, tokenizer)")
+flags.DEFINE_string("workdir", None, "train: the stage's directory (checkpoints, metrics.jsonl, TensorBoard, "
+                    "tokenizer); data: where the world, trajectories, blocks, corpora and stats.json go")
 
 
 def _cmd_convert(args: list[str]) -> None:
     """fwm convert SRC DST: an HF directory to an orbax params checkpoint, or an orbax one back to HF."""
     if len(args) != 2:
         raise app.UsageError("usage: fwm convert SRC_DIR DST_DIR [--dtype=bfloat16]")
-    import os
 
     from fwm.model import checkpoint
 
@@ -45,7 +47,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 
 
 def _copy_tokenizer_files(src: str, dst: str) -> list[str]:
-    import os
     import shutil
 
     copied = []
@@ -66,6 +67,10 @@ def _cmd_train(args: list[str]) -> None:
     from fwm import config as config_lib
 
     config = _TRAIN_CONFIG.value
+    if "stage" not in config or "train" not in config:
+        sys.exit(f"fwm train: {config_flags.get_config_filename(FLAGS['config'])} is not a training config (it has "
+                 f"no 'stage' and 'train' keys); build one on fwm.config.default_config(), such as "
+                 f"experiments/tiny.py (data configs run with `fwm data`)")
     with config.unlocked():
         config.train.workdir = FLAGS.workdir or config.train.workdir
     try:
@@ -79,13 +84,52 @@ def _cmd_train(args: list[str]) -> None:
     logging.info("%s done: %s", config.stage, result)
 
 
+def _cmd_data(args: list[str]) -> None:
+    """fwm data --config experiments/synthetic_*.py[:runlocal] [--config.a.b=v ...] --workdir DIR: world,
+    trajectories, world-model blocks and stage corpora into DIR (finished stages are skipped); prints stats."""
+    usage = "usage: fwm data --config experiments/synthetic_search.py[:runlocal] [--config.a.b=v ...] --workdir DIR"
+    if args or _TRAIN_CONFIG.value is None:
+        raise app.UsageError(usage)
+    from fwm import config as config_lib
+    from fwm.trajectories import collect, pipeline
+
+    collect.cpu_only_jax()  # nothing here needs an accelerator; bm25s would otherwise claim it (see there)
+    config = _TRAIN_CONFIG.value
+    if "workdir" not in config or "world" not in config:
+        sys.exit(f"fwm data: {config_flags.get_config_filename(FLAGS['config'])} is not a data config (it has no "
+                 f"'world' and 'workdir' keys); use one built on fwm.trajectories.pipeline.default_data_config(), "
+                 f"such as experiments/synthetic_search.py")
+    with config.unlocked():
+        config.workdir = FLAGS.workdir or config.workdir
+    try:
+        pipeline.validate_data_config(config)
+    except config_lib.ConfigError as err:
+        sys.exit(f"fwm data: {err}")
+    if not config.workdir:
+        raise app.UsageError(usage)
+    print(pipeline.format_stats(pipeline.run(config)), flush=True)
+
+
 COMMANDS = {
     "convert": _cmd_convert,
+    "data": _cmd_data,
     "train": _cmd_train,
 }
 
 
+class _LibraryInfoFilter(pylogging.Filter):
+    """Drops INFO and DEBUG records logged from inside orbax and jax (dozens of lines per checkpoint),
+    so the console shows fwm's progress; their warnings and errors still pass. --verbosity=1 keeps all."""
+
+    _NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}", f"{os.sep}jax{os.sep}experimental{os.sep}")
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        return record.levelno >= pylogging.WARNING or not any(part in record.pathname for part in self._NOISY)
+
+
 def _main(argv: list[str]) -> None:
+    if FLAGS.verbosity < 1:
+        logging.get_absl_handler().addFilter(_LibraryInfoFilter())
     if len(argv) < 2 or argv[1] not in COMMANDS:
         names = ", ".join(sorted(COMMANDS))
         raise app.UsageError(f"usage: fwm <command> [flags]; commands: {names}")
@@ -96,14 +140,17 @@ def main() -> None:
     """Console-script entry point."""
     if any(arg.startswith("--config.") for arg in sys.argv):
         # Unknown --config.x paths otherwise fail inside flag parsing with a bare traceback.
-        from fwm.config import ConfigError, check_override_args
+        from fwm.configlib import ConfigError
 
+        if sys.argv[1:2] == ["data"]:  # `fwm data` has its own schema (fwm.trajectories.pipeline)
+            from fwm.trajectories.pipeline import check_data_override_args as check_override_args
+        else:
+            from fwm.config import check_override_args
         try:
             check_override_args(sys.argv)
         except ConfigError as err:
             sys.exit(f"fwm: {err}")
     app.run(_main, argv=sys.argv)
-
 
 if __name__ == "__main__":
     main()

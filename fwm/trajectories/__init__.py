@@ -1,0 +1,1 @@
+"""Behaviour policies, episode collection, world-model block writers and the stage corpora built from them."""

@@ -1,0 +1,311 @@
+"""World-model blocks for recorded trajectories: Monte Carlo confidence, the rule-based writer for the
+synthetic worlds, and annotation of trajectories with counted spoiler rejections.
+
+Confidence (q_t): from the state before step t (the episode's first t actions replayed in a fresh env)
+the behaviour policy is run to the end K times with seeds `derive_seed(seed, "mc", trajectory id, t,
+j)`; q_t = round-half-up(100 * successes / K). K and every continuation's outcome are stored with the
+block, so the estimate can be checked against its own continuations.
+
+`RuleBlockWriter` (a spoilers.BlockWriter) reads the gold chain in the task's metadata and what the
+agent has seen:
+- a link of the chain is *established* once the visible text states it: in the knowledge world the
+  document sentence linking hop i's subject to its object ("X was mentored by Y."), in the arithmetic
+  world a program with step i's expression whose output is step i's value. Established entities and
+  values are named, the rest are placeholders ("[person B]", "[result of step 2]");
+- roadmap: the rest of the gold chain from the first unestablished link to the answer, e.g.
+  "Search Kaelo Brin to find [person B], the mentor of Kaelo Brin; then search [person B] to find
+  [company C], the company that [person B] works for; then answer [company C].";
+- keywords: the next action's query / expression, then relation words and seen names, each kept only
+  if it is not forbidden and really occurs in the future text (fwm.trajectories.spoilers.contains_term);
+- analysis: known links, missing links, and whether the last step added a link;
+- confidence: passed in.
+Every block goes through check_block inside the writer and again in `annotate_steps`, which counts a
+block that is rejected (by the writer or by the second check) instead of writing it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from fwm.envs.base import EpisodeRecord, Task, ToolEnv
+from fwm.envs.synthetic.knowledge import RELATION_BY_NAME
+from fwm.schema import Action, WorldModelBlock, render_world_model
+from fwm.trajectories.collect import (EnvSpec, derive_seed, make_env, record_from_row, run_episode,
+                                      succeeded)
+from fwm.trajectories.policies import Policy, entity_type
+from fwm.trajectories.spoilers import (BlockRejected, BlockWriter, StepContext, check_block, contains_term,
+                                       find_spoilers, spoiler_terms)
+
+WRITERS = ("rule", "teacher")
+_LETTERS = "ABCDEFGHIJ"  # chain positions; the knowledge world has at most 4 hops (5 entities)
+_EXPRESSION_RE = re.compile(r"^x = (.+)$", re.MULTILINE)
+
+
+# ---------------------------------------------------------------------------------------- Monte Carlo
+@dataclasses.dataclass(frozen=True)
+class MonteCarloEstimate:
+    """q_t from K continuations: confidence = round-half-up(100 * sum(successes) / k)."""
+
+    confidence: int
+    k: int
+    successes: tuple[bool, ...]
+    seeds: tuple[int, ...]
+
+
+def percent(successes: int, total: int) -> int:
+    """round-half-up(100 * successes / total) in exact integer arithmetic (37.5 -> 38)."""
+    return (200 * successes + total) // (2 * total)
+
+
+def continuation_seed(seed: int, trajectory_id: str, step: int, j: int) -> int:
+    return derive_seed(seed, "mc", trajectory_id, step, j)
+
+
+def monte_carlo_confidence(env: ToolEnv, policy: Policy, record: EpisodeRecord, step: int, k: int, seed: int,
+                           trajectory_id: str) -> MonteCarloEstimate:
+    """Success rate (0-100) of `k` continuations of `policy` from the state before action `step`."""
+    if k < 1:
+        raise ValueError(f"Monte Carlo needs k >= 1 continuations, got {k}")
+    if not 0 <= step < len(record.actions):
+        raise ValueError(f"trajectory {trajectory_id}: step {step} outside its {len(record.actions)} steps")
+    prefix = record.actions[:step]
+    seeds = tuple(continuation_seed(seed, trajectory_id, step, j) for j in range(k))
+    successes = tuple(succeeded(run_episode(env, policy, record.task, np.random.default_rng(s), prefix).score)
+                      for s in seeds)
+    return MonteCarloEstimate(confidence=percent(sum(successes), k), k=k, successes=successes, seeds=seeds)
+
+
+# ------------------------------------------------------------------------------------------ rule writer
+def _sentences(parts: Sequence[str]) -> str:
+    text = "; then ".join(parts) + "."
+    return text[:1].upper() + text[1:]
+
+
+def knowledge_established(task: Task, observations: Sequence[str]) -> int:
+    """How many links of the gold chain the observations state, in order (m: entities 0..m are known)."""
+    text = "\n".join(observations)
+    established = 0
+    for hop in task.metadata["hops"]:
+        if RELATION_BY_NAME[hop["relation"]].sentence.format(s=hop["subject"], o=hop["object"]) not in text:
+            break
+        established += 1
+    return established
+
+
+def arithmetic_established(task: Task, past: Sequence[tuple[Action | None, str]]) -> int:
+    """How many steps have been computed, in order: a python action holding step i's expression whose
+    output is step i's value (each expression starts from the previous value, so order is implied)."""
+    established = 0
+    for step in task.metadata["steps"]:
+        if not any(action is not None and action.kind == "python" and step["expression"] in action.argument
+                   and observation.strip() == str(step["after"]) for action, observation in past):
+            break
+        established += 1
+    return established
+
+
+def _relation_words(relation: str) -> str:
+    """'mentored_by' -> 'mentored by' (the words the world's documents use for the relation)."""
+    return relation.replace("_", " ")
+
+
+def _action_term(action: Action | None) -> str | None:
+    """What of the next action can be a keyword: the query, the answer, or a program's expression."""
+    if action is None:
+        return None
+    if action.kind == "python":
+        found = _EXPRESSION_RE.search(action.argument)
+        return found.group(1).strip() if found else action.argument.strip()
+    return action.argument.strip()
+
+
+def grounded_keywords(candidates: Sequence[str | None], context: StepContext, forbidden: Sequence[str],
+                      limit: int) -> list[str]:
+    """Up to `limit` distinct candidates that are well-formed keywords, hold no forbidden term and occur
+    in what actually follows."""
+    future = context.future_text()
+    keywords: list[str] = []
+    for candidate in candidates:
+        if candidate is None:
+            continue
+        keyword = " ".join(candidate.split())
+        if (not keyword or ";" in keyword or "<" in keyword or len(keyword) > 80
+                or any(keyword.lower() == k.lower() for k in keywords)):
+            continue
+        probe = WorldModelBlock(roadmap="", keywords=[keyword], analysis="", confidence=None)
+        if find_spoilers(probe, forbidden) or not contains_term(future, keyword):
+            continue
+        keywords.append(keyword)
+        if len(keywords) == limit:
+            break
+    return keywords
+
+
+@dataclasses.dataclass(frozen=True)
+class RuleBlockWriter:
+    """The rule-based BlockWriter for the synthetic worlds (module docstring)."""
+
+    max_keywords: int = 4
+
+    def __call__(self, context: StepContext, confidence: int, forbidden: Sequence[str]) -> WorldModelBlock:
+        if isinstance(confidence, bool) or not isinstance(confidence, (int, np.integer)) or not 0 <= confidence <= 100:
+            raise ValueError(f"confidence must be an int in [0, 100], got {confidence!r}")
+        world = context.task.metadata.get("world")
+        if world == "knowledge":
+            roadmap, candidates, analysis = self._knowledge(context)
+        elif world == "arithmetic":
+            roadmap, candidates, analysis = self._arithmetic(context)
+        else:
+            raise BlockRejected(f"task {context.task.id}: the rule writer knows the synthetic worlds 'knowledge' "
+                                f"and 'arithmetic', not metadata world {world!r}")
+        keywords = grounded_keywords(candidates, context, forbidden, self.max_keywords)
+        block = WorldModelBlock(roadmap=roadmap, keywords=keywords, analysis=analysis, confidence=int(confidence))
+        return check_block(block, forbidden)
+
+    @staticmethod
+    def _knowledge(context: StepContext) -> tuple[str, list[str | None], str]:
+        task, past = context.task, context.past
+        hops = task.metadata["hops"]
+        names = [hops[0]["subject"]] + [hop["object"] for hop in hops]
+        ids = [hops[0]["subject_id"]] + [hop["object_id"] for hop in hops]
+        known = knowledge_established(task, [observation for _, observation in past])
+
+        def shown(j: int) -> str:
+            return names[j] if j <= known else f"[{entity_type(ids[j])} {_LETTERS[j]}]"
+
+        def phrase(j: int) -> str:  # the noun phrase for entity j + 1, given entity j as shown
+            return RELATION_BY_NAME[hops[j]["relation"]].phrase.format(s=shown(j))
+
+        plan = [f"search {shown(j)} to find {shown(j + 1)}, {phrase(j)}" for j in range(known, len(hops))]
+        roadmap = _sentences(plan + [f"answer {shown(len(hops))}"])
+        facts = [RELATION_BY_NAME[hops[j]["relation"]].sentence.format(s=names[j], o=names[j + 1])
+                 for j in range(known)]
+        missing = [f"{shown(j + 1)}, {phrase(j)}" for j in range(known, len(hops))]
+        analysis = "Known: " + (" ".join(facts) if facts else f"only the question about {names[0]}.")
+        to_go = len(hops) - known
+        analysis += (f" Missing: {'; '.join(missing)} ({to_go} hop{'s' if to_go > 1 else ''} to go)." if missing
+                     else f" Missing: nothing; the answer is {names[-1]}.")
+        if past and knowledge_established(task, [observation for _, observation in past[:-1]]) == known:
+            analysis += " The last step added no new link."
+        candidates = [_action_term(context.actions[context.step])]
+        candidates += [_relation_words(hops[j]["relation"]) for j in range(known, len(hops))]
+        candidates += [names[j] for j in range(known, -1, -1)]  # seen chain entities, latest first
+        return roadmap, candidates, analysis
+
+    @staticmethod
+    def _arithmetic(context: StepContext) -> tuple[str, list[str | None], str]:
+        task, past = context.task, context.past
+        steps = task.metadata["steps"]
+        values = [task.metadata["start"]] + [step["after"] for step in steps]
+        known = arithmetic_established(task, past)
+
+        def shown(j: int) -> str:  # value j: the start (0) or the result of step j
+            return str(values[j]) if j <= known else f"[result of step {j}]"
+
+        def computation(j: int) -> str:  # step j + 1 from value j as shown
+            expression = steps[j]["expression"]
+            return shown(j) + expression[len(str(steps[j]["before"])):]
+
+        plan = [f"compute {computation(j)} for step {j + 1}" for j in range(known, len(steps))]
+        roadmap = _sentences(plan + [f"answer {shown(len(steps))}"])
+        facts = [f"the start value is {values[0]}"] + [f"step {j} gives {values[j]}" for j in range(1, known + 1)]
+        analysis = "Known: " + "; ".join(facts) + "."
+        if known == len(steps):
+            analysis += f" Missing: nothing; the final number is {values[-1]}."
+        elif known == len(steps) - 1:
+            analysis += f" Missing: step {len(steps)} and the final number."
+        else:
+            analysis += f" Missing: steps {known + 1} to {len(steps)} and the final number."
+        if past and arithmetic_established(task, past[:-1]) == known:
+            analysis += " The last step added no new result."
+        candidates = [_action_term(context.actions[context.step])]
+        candidates += [str(steps[j]["operand"]) for j in range(known, len(steps))]
+        return roadmap, candidates, analysis
+
+
+def make_block_writer(name: str, teacher_config: Mapping[str, Any] | None = None) -> BlockWriter:
+    """'rule' -> RuleBlockWriter(); 'teacher' -> TeacherBlockWriter.from_config(teacher_config) (imported
+    only then: it needs an endpoint)."""
+    if name == "rule":
+        return RuleBlockWriter()
+    if name == "teacher":
+        from fwm.trajectories.teacher import TeacherBlockWriter
+
+        return TeacherBlockWriter.from_config(dict(teacher_config or {}))
+    raise ValueError(f"unknown block writer {name!r}; expected one of {WRITERS}")
+
+
+# ------------------------------------------------------------------------------------------- annotation
+def block_to_dict(block: WorldModelBlock) -> dict[str, Any]:
+    return {"roadmap": block.roadmap, "keywords": list(block.keywords), "analysis": block.analysis,
+            "confidence": block.confidence}
+
+
+def block_from_dict(row: Mapping[str, Any]) -> WorldModelBlock:
+    return WorldModelBlock(roadmap=row["roadmap"], keywords=list(row["keywords"]), analysis=row["analysis"],
+                           confidence=row["confidence"])
+
+
+def annotate_steps(env: ToolEnv, policy: Policy, writer: BlockWriter, record: EpisodeRecord, trajectory_id: str,
+                   steps: Sequence[int], *, k: int, seed: int, entity_names: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """One row per step: the Monte Carlo estimate and either the block or why it was rejected.
+
+    A block counts as rejected when the writer raises BlockRejected, when check_block finds a forbidden
+    term in what the writer returned (a writer's own check is not trusted), when it does not render,
+    or when its confidence is not the Monte Carlo one.
+    """
+    rows = []
+    for step in steps:
+        context = StepContext.from_record(record, step)
+        forbidden = spoiler_terms(context, entity_names)
+        estimate = monte_carlo_confidence(env, policy, record, step, k, seed, trajectory_id)
+        block, rejection = None, None
+        try:
+            block = check_block(writer(context, estimate.confidence, forbidden), forbidden)
+            render_world_model(block, with_confidence=True)
+            if block.confidence != estimate.confidence:
+                raise BlockRejected(f"the writer changed the confidence from {estimate.confidence} to "
+                                    f"{block.confidence}")
+        except (BlockRejected, ValueError, TypeError) as error:
+            block = None
+            rejection = f"{type(error).__name__}: {error}"
+        rows.append({"trajectory_id": trajectory_id, "step": step, "confidence": estimate.confidence,
+                     "mc_k": estimate.k, "mc_successes": [int(s) for s in estimate.successes],
+                     "block": None if block is None else block_to_dict(block), "rejection": rejection,
+                     "spoiler_rejection": rejection is not None and "spoiler" in rejection})
+    return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockJob:
+    """What every annotation chunk shares (built into envs, policies and a writer inside the worker)."""
+
+    env: EnvSpec
+    policies: Mapping[str, Policy]
+    writer: str
+    teacher_config: Mapping[str, Any]
+    seed: int
+    mc_k: int
+    entity_names: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockItem:
+    trajectory: Mapping[str, Any]  # a trajectory row (collect.trajectory_row)
+    steps: tuple[int, ...]
+
+
+def blocks_chunk(job: BlockJob, items: Sequence[BlockItem]) -> list[list[dict[str, Any]]]:
+    """Annotates one chunk of trajectories (in a worker); one list of step rows per item."""
+    env = make_env(job.env)
+    writer = make_block_writer(job.writer, job.teacher_config)
+    out = []
+    for item in items:
+        row = item.trajectory
+        record = record_from_row(row, f"trajectory {row.get('id')}")
+        out.append(annotate_steps(env, job.policies[row["policy"]], writer, record, row["id"], item.steps,
+                                  k=job.mc_k, seed=job.seed, entity_names=job.entity_names))
+    return out

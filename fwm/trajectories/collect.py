@@ -1,0 +1,237 @@
+"""Episode collection: run behaviour policies over many tasks in parallel and write raw trajectories.
+
+Every episode draws its randomness from its own seed, `derive_seed(seed, "collect", split, policy,
+task id, episode)`, so the trajectories are a function of the seed alone, whatever the number of
+workers. Work is cut into contiguous chunks (one env per chunk, built in the worker from an
+`EnvSpec`); results come back in input order. Workers are spawned processes (not forked: the parent
+may hold threads, e.g. of jax or tokenizers, that a fork would copy in a locked state).
+
+Tool outputs of the synthetic worlds are deterministic (BM25 over a fixed corpus, pure arithmetic),
+so the envs built here memoise them per chunk: Monte Carlo continuations replay the same searches and
+programs many times, and a sandbox run costs tens of milliseconds.
+
+A trajectory row is `EpisodeRecord.to_dict()` plus "id", "split", "policy", "episode" and "seed".
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+from typing import Any, Callable, Mapping, Sequence, TypeVar
+
+import numpy as np
+from tqdm import tqdm
+
+from fwm.envs.base import EpisodeRecord, Task, ToolEnv
+from fwm.envs.math import MathEnv
+from fwm.envs.retrievers import BM25Retriever, Doc, Retriever
+from fwm.envs.search import SearchEnv
+from fwm.schema import Action
+from fwm.trajectories.policies import Policy
+
+TOOLS = ("search", "python")
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+def derive_seed(*parts: str | int) -> int:
+    """A 63-bit seed from any parts (stable across processes and Python versions, unlike hash())."""
+    digest = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def succeeded(score: float) -> bool:
+    """Whether an episode counts as a success: a full score (a correct final answer)."""
+    return score >= 1.0
+
+
+# -------------------------------------------------------------------------------------------- environments
+class MemoizedRetriever:
+    """A retriever whose answers are remembered by (query, topk); failures are not remembered."""
+
+    def __init__(self, retriever: Retriever):
+        self._retriever = retriever
+        self._cache: dict[tuple[str, int], list[Doc]] = {}
+
+    def search(self, queries: list[str], topk: int) -> list[list[Doc]]:
+        missing = [q for q in dict.fromkeys(queries) if (q, topk) not in self._cache]
+        if missing:
+            for query, docs in zip(missing, self._retriever.search(missing, topk)):
+                self._cache[(query, topk)] = docs
+        return [list(self._cache[(q, topk)]) for q in queries]
+
+
+class MemoizedMathEnv(MathEnv):
+    """MathEnv remembering each program's observation and each answer check (both deterministic here)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._tool_cache: dict[str, tuple[str, dict[str, bool]]] = {}
+        self._score_cache: dict[tuple[str, tuple[str, ...]], tuple[float, dict[str, float]]] = {}
+
+    def _run_tool(self, action: Action) -> tuple[str, dict[str, bool]]:
+        if action.argument not in self._tool_cache:
+            self._tool_cache[action.argument] = super()._run_tool(action)
+        observation, flags = self._tool_cache[action.argument]
+        return observation, dict(flags)
+
+    def _score_answer(self, answer: str) -> tuple[float, dict[str, float]]:
+        key = (answer, self.record.task.answers)
+        if key not in self._score_cache:
+            self._score_cache[key] = super()._score_answer(answer)
+        score, metrics = self._score_cache[key]
+        return score, dict(metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSpec:
+    """How to build an env in a worker. tool "search": a BM25 index saved in `index_dir`; "python": the
+    sandbox (timeout_s, memory_mb, isolation as in fwm.envs.sandbox.run_python)."""
+
+    tool: str
+    max_turns: int = 8
+    index_dir: str = ""
+    topk: int = 3
+    metric: str = "exact_match"
+    timeout_s: float = 5.0
+    memory_mb: int = 512
+    isolation: str = "auto"
+
+    def __post_init__(self):
+        if self.tool not in TOOLS:
+            raise ValueError(f"EnvSpec.tool must be one of {TOOLS}, got {self.tool!r}")
+        if self.tool == "search" and not self.index_dir:
+            raise ValueError("EnvSpec for the search tool needs index_dir (a BM25Retriever.build directory)")
+
+
+def make_env(spec: EnvSpec) -> ToolEnv:
+    """A fresh env with memoised tools (see the module docstring)."""
+    if spec.tool == "search":
+        retriever = MemoizedRetriever(BM25Retriever.load(spec.index_dir))
+        return SearchEnv(retriever, topk=spec.topk, max_turns=spec.max_turns, metric=spec.metric)
+    return MemoizedMathEnv(max_turns=spec.max_turns, timeout_s=spec.timeout_s, memory_mb=spec.memory_mb,
+                           isolation=spec.isolation)
+
+
+# ---------------------------------------------------------------------------------------------- episodes
+def run_episode(env: ToolEnv, policy: Policy, task: Task, rng: np.random.Generator,
+                prefix: Sequence[Action | None] = ()) -> EpisodeRecord:
+    """Resets `env` on `task`, replays `prefix` (actions of an earlier episode), then lets `policy` act
+    until the episode ends (answer or turn budget). Returns the episode's record."""
+    env.reset(task)
+    history: list[tuple[Action | None, str]] = []
+    done = False
+    for action in prefix:
+        if done:
+            raise ValueError(f"task {task.id}: the prefix of {len(prefix)} actions goes past the end of the episode")
+        observation, done, _ = env.step(action)
+        history.append((action, observation))
+    while not done:
+        action = policy(task, history, rng)
+        observation, done, _ = env.step(action)
+        history.append((action, observation))
+    return env.record
+
+
+def trajectory_id(split: str, policy: str, task_id: str, episode: int) -> str:
+    return f"{split}/{policy}/{task_id}/{episode}"
+
+
+def trajectory_row(record: EpisodeRecord, *, split: str, policy: str, episode: int, seed: int) -> dict[str, Any]:
+    """The JSONL row of one collected episode."""
+    return {"id": trajectory_id(split, policy, record.task.id, episode), "split": split, "policy": policy,
+            "episode": episode, "seed": seed, **record.to_dict()}
+
+
+def record_from_row(row: Mapping[str, Any], where: str = "trajectory") -> EpisodeRecord:
+    """The EpisodeRecord of a trajectory row (extra keys ignored); errors name `where`."""
+    return EpisodeRecord.from_dict(row, where)
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectJob:
+    """What every collection chunk shares: the env to build, the policies by name and the base seed."""
+
+    env: EnvSpec
+    policies: Mapping[str, Policy]
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeItem:
+    split: str
+    policy: str
+    task: Task
+    episode: int
+
+
+def collect_chunk(job: CollectJob, items: Sequence[EpisodeItem]) -> list[dict[str, Any]]:
+    """Runs one chunk of episodes (in a worker); returns their rows in order."""
+    env = make_env(job.env)
+    rows = []
+    for item in items:
+        seed = derive_seed(job.seed, "collect", item.split, item.policy, item.task.id, item.episode)
+        record = run_episode(env, job.policies[item.policy], item.task, np.random.default_rng(seed))
+        rows.append(trajectory_row(record, split=item.split, policy=item.policy, episode=item.episode, seed=seed))
+    return rows
+
+
+def episode_items(split: str, tasks: Sequence[Task], policies: Sequence[str], episodes_per_task: int
+                  ) -> list[EpisodeItem]:
+    """Task-major order (a task's episodes share a chunk, and so its memoised tool outputs)."""
+    return [EpisodeItem(split, policy, task, episode) for task in tasks for policy in policies
+            for episode in range(episodes_per_task)]
+
+
+def collect(job: CollectJob, items: Sequence[EpisodeItem], workers: int = 0, chunk_size: int = 16,
+            progress: bool = True) -> list[dict[str, Any]]:
+    """Trajectory rows for `items`, in order; deterministic for job.seed whatever `workers` is."""
+    return map_chunks(collect_chunk, job, items, workers=workers, chunk_size=chunk_size, desc="collect",
+                      unit="episode", progress=progress)
+
+
+# --------------------------------------------------------------------------------------------- parallel
+def map_chunks(function: Callable[[Any, Sequence[Item]], list[Result]], job: Any, items: Sequence[Item], *,
+               workers: int, chunk_size: int, desc: str, unit: str = "item", progress: bool = True) -> list[Result]:
+    """`function(job, chunk)` over contiguous chunks of `items`, concatenated in input order.
+
+    workers 0 runs in this process; otherwise a pool of that many spawned processes (`function` and
+    `job` must pickle). A tqdm bar counts finished items.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunks = [list(items[i:i + chunk_size]) for i in range(0, len(items), chunk_size)]
+    results: list[list[Result] | None] = [None] * len(chunks)
+    with tqdm(total=len(items), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True) as bar:
+        if workers <= 0 or len(chunks) <= 1:
+            for i, chunk in enumerate(chunks):
+                results[i] = function(job, chunk)
+                bar.update(len(chunk))
+        else:
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(min(workers, len(chunks)), mp_context=context,
+                                                        initializer=cpu_only_jax) as pool:
+                futures = {pool.submit(function, job, chunk): i for i, chunk in enumerate(chunks)}
+                for future in concurrent.futures.as_completed(futures):
+                    i = futures[future]
+                    results[i] = future.result()
+                    bar.update(len(chunks[i]))
+    out: list[Result] = []
+    for chunk, chunk_results in zip(chunks, results):
+        if chunk_results is None or len(chunk_results) != len(chunk):
+            raise RuntimeError(f"{desc}: a chunk of {len(chunk)} items returned "
+                               f"{None if chunk_results is None else len(chunk_results)} results")
+        out.extend(chunk_results)
+    return out
+
+
+def cpu_only_jax() -> None:
+    """Keeps jax on the CPU in this process. Data work needs no accelerator, but bm25s imports jax and runs
+    an op at import time, which would claim the GPU/TPU (or preallocate GPU memory) in every worker."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # already imported: the environment variable was read at import time
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
