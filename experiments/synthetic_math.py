@@ -9,16 +9,14 @@ programs come from the rule-based behaviour policies (`x = a op b`), not from a 
 costs about a third of a namespace start per run. There is no pretraining corpus (the world has no
 documents). Variants (comma-separated arg): runlocal.
 """
+from fwm.configlib import parse_variants
 from fwm.trajectories.pipeline import default_data_config
 
 VARIANTS = ("runlocal",)
 
 
 def get_config(arg=None):
-    variants = set(filter(None, (arg or "").split(",")))
-    if variants - set(VARIANTS):
-        raise ValueError(f"experiments/synthetic_math.py: unknown variant(s) {sorted(variants - set(VARIANTS))}; "
-                         f"expected a comma-separated subset of {VARIANTS}")
+    variants = parse_variants(arg, VARIANTS, "experiments/synthetic_math.py")
     config = default_data_config()
     config.world.kind = "arithmetic"
     config.world.arithmetic.update(dict(

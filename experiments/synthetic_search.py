@@ -8,16 +8,14 @@ policy (two per question, successes and failures, mistakes and recoveries), SFT 
 steps of good (successful) trajectories on other questions, and RL / evaluation questions are held
 out of both; evaluation questions lean to multi-hop. Variants (comma-separated arg): runlocal.
 """
+from fwm.configlib import parse_variants
 from fwm.trajectories.pipeline import default_data_config
 
 VARIANTS = ("runlocal",)
 
 
 def get_config(arg=None):
-    variants = set(filter(None, (arg or "").split(",")))
-    if variants - set(VARIANTS):
-        raise ValueError(f"experiments/synthetic_search.py: unknown variant(s) {sorted(variants - set(VARIANTS))}; "
-                         f"expected a comma-separated subset of {VARIANTS}")
+    variants = parse_variants(arg, VARIANTS, "experiments/synthetic_search.py")
     config = default_data_config()
     config.world.kind = "knowledge"
     config.world.knowledge.update(dict(

@@ -11,16 +11,14 @@ Variants (comma-separated arg): pretrain | mid_train | sft, and runlocal (shrink
 import os
 
 from fwm.config import default_config
+from fwm.configlib import parse_variants
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny")
 VARIANTS = ("pretrain", "mid_train", "sft", "runlocal")
 
 
 def get_config(arg=None):
-    variants = set((arg or "pretrain").split(","))
-    if variants - set(VARIANTS):
-        raise ValueError(f"experiments/tiny.py: unknown variant(s) {sorted(variants - set(VARIANTS))}; "
-                         f"expected a comma-separated subset of {VARIANTS}")
+    variants = parse_variants(arg, VARIANTS, "experiments/tiny.py", default="pretrain")
     config = default_config()
     config.stage = "sft" if "sft" in variants else "mid_train" if "mid_train" in variants else "pretrain"
     kind = "sft" if config.stage == "sft" else "lm"

@@ -107,3 +107,14 @@ def check_types(config: ml_collections.ConfigDict, schema: ml_collections.Config
         elif isinstance(expected, (tuple, list)):
             if not isinstance(value, (tuple, list)):
                 raise _type_error(path, "a tuple/list", value)
+
+
+def parse_variants(arg: str | None, allowed: Iterable[str], where: str, default: str = "") -> set[str]:
+    """The comma-separated variants of an experiment's `get_config(arg)` ('sft,runlocal'); `default` when
+    arg is empty. An unknown variant raises ConfigError naming `where` (the experiment file) and the choices."""
+    allowed = tuple(allowed)
+    variants = {v.strip() for v in (arg or default).split(",") if v.strip()}
+    unknown = sorted(variants - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown variant(s) {unknown}; expected a comma-separated subset of {allowed}")
+    return variants
