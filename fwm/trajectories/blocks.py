@@ -21,12 +21,14 @@ agent has seen:
 - confidence: passed in.
 Every block goes through check_block inside the writer and again in `annotate_steps`, which counts a
 block that is rejected (by the writer or by the second check) instead of writing it.
+`annotate_chunk` (one chunk, in a worker with its own writer) also returns what the writer counted per
+trajectory (`writer_counters`: a teacher's requests, cache hits, retries, ...), for the caller to sum.
 """
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -298,14 +300,47 @@ class BlockItem:
     steps: tuple[int, ...]
 
 
-def blocks_chunk(job: BlockJob, items: Sequence[BlockItem]) -> list[list[dict[str, Any]]]:
-    """Annotates one chunk of trajectories (in a worker); one list of step rows per item."""
+def writer_counters(writer: BlockWriter) -> dict[str, int]:
+    """What a writer has counted so far (TeacherBlockWriter.stats); {} for a writer that keeps no counters
+    (the rule writer)."""
+    stats = getattr(writer, "stats", None)
+    return {} if stats is None else dict(stats.as_dict())
+
+
+def sum_counters(counters: Iterable[Mapping[str, int]]) -> dict[str, int]:
+    """Key-wise sums (zeros kept, first-seen key order): totals over chunks, each with its own writer."""
+    total: dict[str, int] = {}
+    for one in counters:
+        for name, value in one.items():
+            total[name] = total.get(name, 0) + value
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnotatedItem:
+    """One item's step rows and what the chunk's writer counted while writing them (the item's share of
+    the writer's counters, so summing over items and chunks gives the stage's totals)."""
+
+    rows: list[dict[str, Any]]
+    writer_counters: dict[str, int]
+
+
+def annotate_chunk(job: BlockJob, items: Sequence[BlockItem]) -> list[AnnotatedItem]:
+    """Annotates one chunk of trajectories (in a worker, which builds its own env and writer)."""
     env = make_env(job.env)
     writer = make_block_writer(job.writer, job.teacher_config)
     out = []
     for item in items:
         row = item.trajectory
         record = record_from_row(row, f"trajectory {row.get('id')}")
-        out.append(annotate_steps(env, job.policies[row["policy"]], writer, record, row["id"], item.steps,
-                                  k=job.mc_k, seed=job.seed, entity_names=job.entity_names))
+        before = writer_counters(writer)
+        rows = annotate_steps(env, job.policies[row["policy"]], writer, record, row["id"], item.steps,
+                              k=job.mc_k, seed=job.seed, entity_names=job.entity_names)
+        after = writer_counters(writer)
+        out.append(AnnotatedItem(rows, {name: value - before.get(name, 0) for name, value in after.items()}))
     return out
+
+
+def blocks_chunk(job: BlockJob, items: Sequence[BlockItem]) -> list[list[dict[str, Any]]]:
+    """annotate_chunk without the writer's counters: one list of step rows per item."""
+    return [annotated.rows for annotated in annotate_chunk(job, items)]

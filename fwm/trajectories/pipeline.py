@@ -8,6 +8,7 @@ naming the dotted key. Layout of WORKDIR:
   world/      world files (fwm.envs.synthetic writers), bm25/ (search), splits/{mid_train,sft,rl}.jsonl
   trajectories/{mid_train,sft}.jsonl   one row per episode (fwm.trajectories.collect.trajectory_row)
   blocks/blocks.jsonl                  one row per annotated step: Monte Carlo outcomes, block or rejection
+                                       (with writer=teacher, the stats hold the teacher's summed counters)
   corpora/    mid_train_plain, mid_train_wm, iwm, sft_{plain,state,full} (+ _eval), pretrain (search
               world documents), rl_tasks, eval_tasks, manifest.json (stage and trained_roles per file)
   stats.json
@@ -46,6 +47,7 @@ from fwm.trajectories import blocks as blocks_lib
 from fwm.trajectories import collect as collect_lib
 from fwm.trajectories import corpora as corpora_lib
 from fwm.trajectories.policies import POLICY_NAMES, ArithmeticMoves, KnowledgeMoves, make_policy
+from fwm.trajectories.teacher import TeacherStats
 
 WORLD_KINDS = ("knowledge", "arithmetic")
 STAGE_NAMES = ("world", "collect", "blocks", "corpora")
@@ -393,13 +395,17 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         items += [blocks_lib.BlockItem(row, tuple(range(len(row["actions"])))) for row in sft_rows]
         items = [item for item in items if item.steps]
         job = blocks_lib.BlockJob(spec, policies, c.blocks.writer, teacher, c.seed, c.blocks.mc_k, world.entity_names)
-        per_item = collect_lib.map_chunks(blocks_lib.blocks_chunk, job, items, workers=c.workers,
+        per_item = collect_lib.map_chunks(blocks_lib.annotate_chunk, job, items, workers=c.workers,
                                           chunk_size=max(1, c.chunk_size // 4), desc="blocks", unit="trajectory",
                                           progress=c.progress)
-        rows = [row for item_rows in per_item for row in item_rows]
+        rows = [row for annotated in per_item for row in annotated.rows]
         write_jsonl(os.path.join(blocks_dir, "blocks.jsonl"), rows)
         outcomes = {item.trajectory["id"]: item.trajectory["score"] for item in items}
-        return _block_stats(rows, outcomes, c.blocks.mc_k), ["blocks.jsonl"]
+        stats = _block_stats(rows, outcomes, c.blocks.mc_k)
+        if c.blocks.writer == "teacher":  # every chunk had its own writer (in its own process): sum them
+            stats["teacher"] = blocks_lib.sum_counters([TeacherStats().as_dict()]
+                                                       + [annotated.writer_counters for annotated in per_item])
+        return stats, ["blocks.jsonl"]
 
     results["blocks"], skipped = _Stage("blocks", blocks_dir, blocks_fp).execute(run_blocks)
     stages["blocks"] = "skipped" if skipped else "ran"
@@ -458,6 +464,12 @@ def format_stats(stats: Mapping[str, Any]) -> str:
                  + (f"; mean confidence {blocks['mean_confidence']:.1f}, recorded success "
                     f"{100 * blocks['recorded_success_rate']:.1f}%, Brier vs recorded outcome "
                     f"{blocks['brier_vs_recorded_outcome']:.3f}" if "mean_confidence" in blocks else ""))
+    if "teacher" in blocks:
+        t = blocks["teacher"]
+        lines.append(f"  teacher: {t['blocks']} blocks, {t['cache_hits']} from the cache ({t['corrupt_cache_entries']} "
+                     f"corrupt entries); {t['requests']} requests, {t['retries']} retries, {t['http_failures']} "
+                     f"HTTP failures; {t['malformed_replies']} malformed and {t['spoiler_replies']} leaking "
+                     f"replies; {t['rejections']} steps rejected")
     lines.append(f"corpora: steps mid-training {corpora['mid_train_steps']} ({corpora['mid_train_trajectories']} "
                  f"trajectories, {corpora['wm_blocks_inserted']} blocks in WM-AMT), SFT {corpora['sft_steps']} "
                  f"({corpora['sft_trajectories']} trajectories); skipped {corpora['skipped_trajectories']}")
