@@ -201,3 +201,25 @@ def test_questions_are_answerable_by_following_gold_hops(world, bm25):
             assert not done and f"(Title: {hop['subject']})" in observation and hop["object"] in observation
         _, done, info = env.step(Action("answer", hops[-1]["object"]))
         assert done and info["score"] == 1.0 and task.answers == (hops[-1]["object"],)
+
+
+def test_bm25_never_touches_jax_backends(tmp_path):
+    """bm25s runs a jax op at import when it can; in a data worker on a TPU/GPU host that claims the chips."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys
+        from fwm.envs.retrievers import BM25Retriever, Doc
+        from jax._src import xla_bridge
+        index = BM25Retriever.build([Doc("a", "Alpha\\\\nthe alpha river"), Doc("b", "Beta\\\\nbeta city")],
+                                    {str(tmp_path / "index")!r})
+        assert index.search(["alpha river"], 1)[0][0].id == "a"
+        assert not xla_bridge._backends, "a jax backend was initialised"
+        assert not sys.modules["bm25s.selection"].JAX_IS_AVAILABLE
+        import jax.lax  # jax itself still imports normally afterwards
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]

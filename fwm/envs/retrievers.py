@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, Iterable, Protocol, Sequence
@@ -83,8 +84,7 @@ class BM25Retriever:
     def build(cls, docs: Iterable[Doc], directory: str | os.PathLike, k1: float = 1.5, b: float = 0.75
               ) -> "BM25Retriever":
         """Indexes `docs` and saves the index to `directory` (replaced atomically); returns the loaded index."""
-        import bm25s
-
+        bm25s = _bm25s()
         docs = list(docs)
         if not docs:
             raise ValueError("BM25Retriever.build: the corpus is empty")
@@ -118,8 +118,7 @@ class BM25Retriever:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, mmap: bool = False) -> "BM25Retriever":
-        import bm25s
-
+        bm25s = _bm25s()
         directory = os.fspath(directory)
         meta_path = os.path.join(directory, "fwm_index.json")
         try:
@@ -151,7 +150,8 @@ class BM25Retriever:
                 if not query_tokens:
                     results.append([])
                     continue
-                indices, scores = self._index.retrieve([query_tokens], k=k, show_progress=False, n_threads=1)
+                indices, scores = self._index.retrieve([query_tokens], k=k, show_progress=False, n_threads=1,
+                                                       backend_selection="numpy")
                 docs = []
                 for i, score in zip(indices[0], scores[0]):
                     if score <= 0:
@@ -164,10 +164,31 @@ class BM25Retriever:
         return results
 
 
-def _tokenize(texts: list[str]) -> list[list[str]]:
-    import bm25s
+def _bm25s():
+    """The bm25s module, imported with jax.lax hidden from it.
 
-    return bm25s.tokenize(texts, lower=True, stopwords="en", return_ids=False, show_progress=False)
+    bm25s.selection imports jax.lax and runs a top-k at import time when it can. In a data worker that
+    op claims the accelerator: on a TPU host a second process cannot open the chips, on a GPU jax
+    preallocates most of its memory. Retrieval here uses numpy top-k, so bm25s never needs jax.
+    """
+    if "bm25s" in sys.modules:
+        return sys.modules["bm25s"]
+    import jax  # noqa: F401  (imported for real first, so hiding jax.lax cannot leave jax half-imported)
+
+    hidden = sys.modules.get("jax.lax")
+    sys.modules["jax.lax"] = None  # makes bm25s's `import jax.lax` raise ImportError
+    try:
+        import bm25s
+    finally:
+        if hidden is None:
+            del sys.modules["jax.lax"]
+        else:
+            sys.modules["jax.lax"] = hidden
+    return bm25s
+
+
+def _tokenize(texts: list[str]) -> list[list[str]]:
+    return _bm25s().tokenize(texts, lower=True, stopwords="en", return_ids=False, show_progress=False)
 
 
 def _replace_directory(source: str, target: str) -> None:

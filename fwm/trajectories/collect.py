@@ -230,8 +230,9 @@ def map_chunks(function: Callable[[Any, Sequence[Item]], list[Result]], job: Any
 
 
 def cpu_only_jax() -> None:
-    """Keeps jax on the CPU in this process. Data work needs no accelerator, but bm25s imports jax and runs
-    an op at import time, which would claim the GPU/TPU (or preallocate GPU memory) in every worker."""
+    """Keeps jax on the CPU in this process. Data work needs no accelerator, and any jax op a library runs
+    in a worker would otherwise claim the GPU/TPU (or preallocate GPU memory); retrievers.py already keeps
+    bm25s off jax, this guards the rest."""
     os.environ["JAX_PLATFORMS"] = "cpu"
     if "jax" in sys.modules:  # already imported: the environment variable was read at import time
         sys.modules["jax"].config.update("jax_platforms", "cpu")
