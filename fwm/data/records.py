@@ -19,9 +19,9 @@ from typing import Any, Callable
 from absl import logging
 
 from fwm.data.sources import SourceRecord
+from fwm.schema import VARIANTS
 
 ROLES = ("document", "prompt", "world_model", "policy", "action", "observation")
-SFT_VARIANTS = ("plain", "state", "full")
 STAGES = ("lm", "sft", "rl")
 ON_BAD_RECORD = ("raise", "skip")
 
@@ -95,8 +95,8 @@ def validate_sft(record: dict) -> dict:
     if not response:
         raise _FieldError("response", "a non-empty string", response)
     variant = record.get("variant", "<missing>")
-    if variant not in SFT_VARIANTS:
-        raise _FieldError("variant", f"one of {list(SFT_VARIANTS)}", variant)
+    if variant not in VARIANTS:
+        raise _FieldError("variant", f"one of {list(VARIANTS)}", variant)
     return {"id": record_id, "prompt": prompt, "response": response, "variant": variant}
 
 
