@@ -260,7 +260,12 @@ class Transformer(nn.Module):
             cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.compute_dtype),
             param_dtype=jnp.dtype(cfg.param_dtype), embedding_init=_normal(0.02, ("vocab", "embed")), name="embed",
         )
-        x_BxLxD = constrain(embed(tokens_BxL), ("batch", "length", "act_embed"))
+        # The table's embed dim is all-gathered (as every layer's weights are inside the scan) before the
+        # lookup: gathering rows of a table sharded over fsdp into activations whose batch is also split over
+        # fsdp has no efficient SPMD lowering (XLA rematerialises the whole gather output on every device).
+        table_VxD = constrain(embed.embedding, ("vocab", None))
+        x_BxLxD = constrain(jnp.take(table_VxD, tokens_BxL, axis=0).astype(jnp.dtype(cfg.compute_dtype)),
+                            ("batch", "length", "act_embed"))
         block = DecoderBlock
         if cfg.remat_policy != "none":
             # prevent_cse=False is safe (and faster) under scan, which already blocks CSE across iterations.
