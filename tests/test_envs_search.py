@@ -1,8 +1,6 @@
 """Retrievers (BM25, HTTP against a local server), the search env, and answering synthetic questions by hops."""
-import http.server
 import json
 import socket
-import threading
 import time
 
 import pytest
@@ -13,6 +11,7 @@ from fwm.envs.retrievers import BM25Retriever, Doc, HTTPRetriever, RetrievalErro
 from fwm.envs.search import SearchEnv
 from fwm.envs.synthetic.knowledge import KnowledgeWorldConfig, generate_knowledge_world
 from fwm.schema import Action
+from local_http import LocalJSONServer
 
 SMALL = KnowledgeWorldConfig(num_people=12, num_cities=5, num_countries=2, num_companies=4, num_universities=3,
                              num_train_questions=60, num_test_questions=20, name_overlap=0.3)
@@ -70,43 +69,21 @@ class _Server:
 
     def __init__(self, retriever):
         self.retriever, self.mode, self.requests, self.fail_first = retriever, "ok", 0, 0
-        owner = self
+        self._http = LocalJSONServer(self._respond)
+        self.url = self._http.address + "/retrieve"
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                owner.requests += 1
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if owner.mode == "slow":
-                    time.sleep(1.0)
-                if owner.fail_first > 0:
-                    owner.fail_first -= 1
-                    self.send_response(503)
-                    self.end_headers()
-                    return
-                results = owner.retriever.search(body["queries"], body["topk"])
-                payload = {"result": [[{"document": {"id": d.id, "contents": d.contents}, "score": d.score}
-                                       for d in docs] for docs in results]}
-                data = json.dumps(payload).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                try:
-                    self.wfile.write(data)
-                except BrokenPipeError:
-                    pass  # the client gave up (the slow-server case)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True  # shutdown does not wait for a handler still sleeping
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/retrieve"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    def _respond(self, path, headers, body):
+        self.requests += 1
+        delay_s = 1.0 if self.mode == "slow" else 0.0
+        if self.fail_first > 0:
+            self.fail_first -= 1
+            return 503, "", delay_s
+        results = self.retriever.search(body["queries"], body["topk"])
+        return 200, {"result": [[{"document": {"id": d.id, "contents": d.contents}, "score": d.score}
+                                 for d in docs] for docs in results]}, delay_s
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._http.close()
 
 
 @pytest.fixture()

@@ -1,5 +1,4 @@
 """The teacher-LLM block writer against a real local chat-completions server with scripted replies."""
-import http.server
 import json
 import os
 import random
@@ -16,6 +15,7 @@ from fwm.schema import Action, render_world_model
 from fwm.trajectories.spoilers import BlockRejected, StepContext, spoiler_terms
 from fwm.trajectories.teacher import (SYSTEM_PROMPT, TeacherBlockWriter, TeacherError, block_from_reply,
                                       check_confidence)
+from local_http import LocalJSONServer
 
 TASK = Task(id="knowledge-train-00007", question="Where was the founder of Orbix Labs born?", answers=("Velmora",),
             metadata={"hops": [{"subject": "Orbix Labs", "relation": "founder", "object": "Ada Quill"},
@@ -63,44 +63,24 @@ class ChatServer:
     """
 
     def __init__(self):
-        self.script, self.requests = [], []  # requests: (headers dict, body dict) as received
-        owner = self
+        self.script, self.requests = [], []  # requests: (headers dict, body dict, path) as received
+        self._http = LocalJSONServer(self._respond)
+        self.base_url = self._http.address + "/v1"
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                owner.requests.append(({k.lower(): v for k, v in self.headers.items()}, body, self.path))
-                entry = owner.script.pop(0) if owner.script else {"status": 500, "body": "unscripted"}
-                if not isinstance(entry, dict):
-                    entry = {"content": entry}
-                time.sleep(entry.get("delay", 0.0))
-                status = entry.get("status", 200)
-                data = entry.get("body")
-                if data is None:
-                    data = json.dumps({"id": "c", "object": "chat.completion", "model": body["model"],
-                                       "choices": [{"index": 0, "finish_reason": "stop",
-                                                    "message": {"role": "assistant", "content": entry["content"]}}]})
-                data = data.encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (the slow-reply case)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True  # shutdown does not wait for a handler still sleeping
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    def _respond(self, path, headers, body):
+        self.requests.append((headers, body, path))
+        entry = self.script.pop(0) if self.script else {"status": 500, "body": "unscripted"}
+        if not isinstance(entry, dict):
+            entry = {"content": entry}
+        payload = entry.get("body")
+        if payload is None:
+            payload = {"id": "c", "object": "chat.completion", "model": body["model"],
+                       "choices": [{"index": 0, "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": entry["content"]}}]}
+        return entry.get("status", 200), payload, entry.get("delay", 0.0)
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._http.close()
 
 
 @pytest.fixture()

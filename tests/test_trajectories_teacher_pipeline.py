@@ -7,7 +7,6 @@ try (rejected). The pipeline's summed teacher counters must match what the serve
 the teacher's blocks; a rerun must take every accepted block from the cache.
 """
 import hashlib
-import http.server
 import importlib.util
 import json
 import os
@@ -20,6 +19,7 @@ from fwm.envs.synthetic.knowledge import generate_knowledge_world
 from fwm.schema import render_world_model
 from fwm.trajectories import blocks as blocks_lib
 from fwm.trajectories import pipeline
+from local_http import LocalJSONServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEARCH = os.path.join(ROOT, "experiments", "synthetic_search.py")
@@ -46,30 +46,17 @@ class ScriptedTeacher:
 
     def __init__(self, answer_by_question):
         self.log, self.lock = [], threading.Lock()
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status, content = owner.reply(body["messages"][1]["content"])
-                data = json.dumps({"id": "c", "object": "chat.completion", "model": body["model"],
-                                   "choices": [{"index": 0, "finish_reason": "stop",
-                                                "message": {"role": "assistant", "content": content}}]}
-                                  if status == 200 else {"error": "overloaded"}).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
         self.answer_by_question = answer_by_question
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self._http = LocalJSONServer(self._respond)
+        self.base_url = self._http.address + "/v1"
+
+    def _respond(self, path, headers, body):
+        status, content = self.reply(body["messages"][1]["content"])
+        if status != 200:
+            return status, {"error": "overloaded"}, 0.0
+        return status, {"id": "c", "object": "chat.completion", "model": body["model"],
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": content}}]}, 0.0
 
     def reply(self, user_message):
         question = user_message.split("\n", 1)[0].removeprefix("Question: ")
@@ -92,8 +79,7 @@ class ScriptedTeacher:
         return 200, MALFORMED if kind == "malformed" else GOOD
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._http.close()
 
 
 def _config(workdir, base_url, workers):
