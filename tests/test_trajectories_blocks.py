@@ -104,7 +104,7 @@ def test_no_emitted_block_contains_a_spoiler_fuzzed(world, search_spec, noisy_ro
     rows, policies = noisy_rows
     job = blocks.BlockJob(search_spec, policies, "rule", {}, seed=0, mc_k=2, entity_names=_names(world))
     items = [blocks.BlockItem(row, tuple(range(len(row["actions"])))) for row in rows]
-    annotated = [r for per in blocks.blocks_chunk(job, items) for r in per]
+    annotated = [r for done in blocks.annotate_chunk(job, items) for r in done.rows]
     by_id = {row["id"]: collect.record_from_row(row) for row in rows}
     assert len(annotated) > 600
     assert all(r["rejection"] is None for r in annotated)  # the rule writer writes clean blocks, not rejected ones
@@ -127,8 +127,8 @@ def test_no_emitted_block_contains_a_spoiler_fuzzed(world, search_spec, noisy_ro
 def test_arithmetic_blocks_hide_unseen_values(arithmetic_env_rows):
     rows, policies = arithmetic_env_rows
     job = blocks.BlockJob(MATH_SPEC, policies, "rule", {}, seed=0, mc_k=2)
-    annotated = [r for per in blocks.blocks_chunk(job, [blocks.BlockItem(row, tuple(range(len(row["actions"]))))
-                                                       for row in rows]) for r in per]
+    annotated = [r for done in blocks.annotate_chunk(job, [blocks.BlockItem(row, tuple(range(len(row["actions"]))))
+                                                  for row in rows]) for r in done.rows]
     assert annotated and all(r["rejection"] is None for r in annotated)
     for row, r in ((next(x for x in rows if x["id"] == r["trajectory_id"]), r) for r in annotated):
         context = StepContext.from_record(collect.record_from_row(row), r["step"])

@@ -36,7 +36,7 @@ def material(tmp_path_factory):
     items += [blocks.BlockItem(row, tuple(range(len(row["actions"])))) for row in sft]
     block_job = blocks.BlockJob(spec, policies, "rule", {}, seed=0, mc_k=2,
                                 entity_names=tuple(e.name for e in world.entities))
-    rows = [r for per in blocks.blocks_chunk(block_job, [i for i in items if i.steps]) for r in per]
+    rows = [r for done in blocks.annotate_chunk(block_job, [i for i in items if i.steps]) for r in done.rows]
     block_map = {(r["trajectory_id"], r["step"]): blocks.block_from_dict(r["block"]) for r in rows}
     return mid, sft_all, sft, block_map
 

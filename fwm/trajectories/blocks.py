@@ -340,7 +340,3 @@ def annotate_chunk(job: BlockJob, items: Sequence[BlockItem]) -> list[AnnotatedI
         out.append(AnnotatedItem(rows, {name: value - before.get(name, 0) for name, value in after.items()}))
     return out
 
-
-def blocks_chunk(job: BlockJob, items: Sequence[BlockItem]) -> list[list[dict[str, Any]]]:
-    """annotate_chunk without the writer's counters: one list of step rows per item."""
-    return [annotated.rows for annotated in annotate_chunk(job, items)]
