@@ -160,6 +160,15 @@ def test_a_reply_that_keeps_leaking_is_rejected_and_counted(server, tmp_path):
     assert cache_files(tmp_path) == []  # a rejected step leaves no cache entry
 
 
+@pytest.mark.parametrize("script, spoiler", [([MALFORMED[0], LEAKING, LEAKING], True),
+                                             ([LEAKING, LEAKING, MALFORMED[0]], False)], ids=["ends_leaking", "ends_malformed"])
+def test_a_rejection_is_a_spoiler_rejection_when_the_last_try_leaked(server, tmp_path, script, spoiler):
+    server.script = list(script)
+    with pytest.raises(BlockRejected) as rejected:
+        make_writer(server, tmp_path)(CONTEXT, 55, FORBIDDEN)
+    assert rejected.value.spoiler is spoiler
+
+
 @pytest.mark.parametrize("reply", MALFORMED, ids=range(len(MALFORMED)))
 def test_each_malformed_reply_is_only_ever_rejected(reply):
     with pytest.raises(BlockRejected, match="malformed reply"):

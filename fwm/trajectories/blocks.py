@@ -264,7 +264,7 @@ def annotate_steps(env: ToolEnv, policy: Policy, writer: BlockWriter, record: Ep
         context = StepContext.from_record(record, step)
         forbidden = spoiler_terms(context, entity_names)
         estimate = monte_carlo_confidence(env, policy, record, step, k, seed, trajectory_id)
-        block, rejection = None, None
+        block, rejection, spoiler = None, None, False
         try:
             block = check_block(writer(context, estimate.confidence, forbidden), forbidden)
             render_world_model(block, with_confidence=True)
@@ -274,10 +274,11 @@ def annotate_steps(env: ToolEnv, policy: Policy, writer: BlockWriter, record: Ep
         except (BlockRejected, ValueError, TypeError) as error:
             block = None
             rejection = f"{type(error).__name__}: {error}"
+            spoiler = isinstance(error, BlockRejected) and error.spoiler
         rows.append({"trajectory_id": trajectory_id, "step": step, "confidence": estimate.confidence,
                      "mc_k": estimate.k, "mc_successes": [int(s) for s in estimate.successes],
                      "block": None if block is None else block_to_dict(block), "rejection": rejection,
-                     "spoiler_rejection": rejection is not None and "spoiler" in rejection})
+                     "spoiler_rejection": spoiler})
     return rows
 
 

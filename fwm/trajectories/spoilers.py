@@ -118,15 +118,21 @@ def find_spoilers(block: WorldModelBlock, forbidden: Sequence[str]) -> list[str]
     normalized = {field: normalize_answer(text) for field, text in block_text(block).items()}
     return [f"{field}: {term}" for field, text in normalized.items() for term in forbidden if _occurs(text, term)]
 
+
 class BlockRejected(Exception):
-    """A block writer could not produce a valid, spoiler-free block for a step; the message says why."""
+    """A block writer could not produce a valid, spoiler-free block for a step; the message says why.
+    `spoiler`: the (final) reason was a leaked forbidden term, which statistics count apart."""
+
+    def __init__(self, message: str, spoiler: bool = False):
+        super().__init__(message)
+        self.spoiler = spoiler
 
 
 def check_block(block: WorldModelBlock, forbidden: Sequence[str]) -> WorldModelBlock:
-    """The block itself if it holds no forbidden term; else BlockRejected listing what leaked."""
+    """The block itself if it holds no forbidden term; else BlockRejected(spoiler=True) listing what leaked."""
     leaks = find_spoilers(block, forbidden)
     if leaks:
-        raise BlockRejected("spoiler: " + ", ".join(leaks))
+        raise BlockRejected("spoiler: " + ", ".join(leaks), spoiler=True)
     return block
 
 

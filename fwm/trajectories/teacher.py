@@ -287,7 +287,7 @@ class TeacherBlockWriter:
             self.stats.cache_hits += 1
             self.stats.blocks += 1
             return cached
-        conversation, problems, transient_failures = list(messages), [], 0
+        conversation, problems, transient_failures, last_leaked = list(messages), [], 0, False
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self.stats.retries += 1
@@ -299,6 +299,7 @@ class TeacherBlockWriter:
                 self.stats.http_failures += 1
                 transient_failures += 1
                 problems.append(f"try {attempt + 1}: {failure}")
+                last_leaked = False
                 continue
             except BlockRejected as rejection:  # a request the endpoint refuses for this step: no retry
                 self.stats.rejections += 1
@@ -310,6 +311,7 @@ class TeacherBlockWriter:
             except BlockRejected as rejection:
                 self.stats.malformed_replies += 1
                 problems.append(f"try {attempt + 1}: {rejection}")
+                last_leaked = False
                 conversation = self._feedback(messages, reply, str(rejection))
                 continue
             try:
@@ -317,6 +319,7 @@ class TeacherBlockWriter:
             except BlockRejected as rejection:
                 self.stats.spoiler_replies += 1
                 problems.append(f"try {attempt + 1}: {rejection}")
+                last_leaked = True
                 conversation = self._feedback(messages, reply, f"{rejection}; write these only as placeholders")
                 continue
             if self.cache_dir:
@@ -325,7 +328,7 @@ class TeacherBlockWriter:
             return block
         self.stats.rejections += 1
         raise BlockRejected(f"teacher {self.model}, task {context.task.id} step {context.step}: no valid block "
-                            f"after {self.max_retries + 1} tries ({' | '.join(problems)})")
+                            f"after {self.max_retries + 1} tries ({' | '.join(problems)})", spoiler=last_leaked)
 
     def _feedback(self, messages: list[dict[str, str]], reply: Any, problem: str) -> list[dict[str, str]]:
         """The next try's messages: the first request again, with the bad reply and what was wrong."""
