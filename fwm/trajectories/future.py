@@ -1,0 +1,51 @@
+"""The one definition of "what follows" step t (tau_{>t}) and of a keyword being found in it.
+
+Grounding -- the rule writer's keyword filter when blocks are written, R_ground in FC-RL -- asks
+whether a keyword of the block z_t occurs in what actually happens after the step. PAPER.md leaves
+where tau_{>t} starts open. Our choice (default `start="observation"`): the text from the
+observation of a_t onward, i.e. observation_t, a_{t+1}, observation_{t+1}, ..., so that a keyword
+cannot earn grounding by repeating the step's own query or answer. `start="action"` includes a_t
+itself (the looser reading: tau_{>=t} of the agent's own actions).
+
+Matching (our R_match): SQuAD-normalised keyword found in SQuAD-normalised text at word boundaries
+(`fwm.trajectories.spoilers.contains_term`), so "Paris" matches "paris," but "12" not "120".
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from fwm.schema import Action
+from fwm.trajectories.spoilers import contains_term
+
+FUTURE_STARTS = ("observation", "action")
+
+
+def action_text(action: Action | None) -> str:
+    """How an action reads inside tau_{>t}: 'search: query' ('' for a malformed response)."""
+    return "" if action is None else f"{action.kind}: {action.argument}"
+
+
+def what_follows(actions: Sequence[Action | None], observations: Sequence[str], step: int,
+                 start: str = "observation") -> str:
+    """tau_{>t}: the text of what follows the block written before actions[step].
+
+    start="observation": observations[step], then every later action and observation (default);
+    start="action": actions[step] too. actions[i] is None where response i was malformed;
+    observations[i] is what followed actions[i] ("" after the final answer).
+    """
+    if start not in FUTURE_STARTS:
+        raise ValueError(f"unknown start of 'what follows' {start!r}; expected one of {FUTURE_STARTS}")
+    if len(actions) != len(observations):
+        raise ValueError(f"{len(actions)} actions but {len(observations)} observations")
+    if not 0 <= step < len(actions):
+        raise ValueError(f"step {step} outside the episode's {len(actions)} steps")
+    parts = [action_text(actions[step])] if start == "action" else []
+    parts.append(observations[step])
+    for action, observation in zip(actions[step + 1:], observations[step + 1:]):
+        parts += [action_text(action), observation]
+    return "\n".join(parts)
+
+
+def keyword_found(keyword: str, future_text: str) -> bool:
+    """R_match for one keyword: whether it occurs in `future_text` after normalisation (module docstring)."""
+    return contains_term(future_text, keyword)
