@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from fwm import calibration
 from fwm.configlib import ConfigError, check_keys, check_override_args, check_types, require as _require
 from fwm.envs.base import Task, read_tasks, write_tasks
 from fwm.envs.jsonl import read_jsonl, write_json, write_jsonl
@@ -46,7 +47,8 @@ from fwm.envs.synthetic.knowledge import KnowledgeWorldConfig, generate_knowledg
 from fwm.trajectories import blocks as blocks_lib
 from fwm.trajectories import collect as collect_lib
 from fwm.trajectories import corpora as corpora_lib
-from fwm.trajectories.policies import POLICY_NAMES, ArithmeticMoves, KnowledgeMoves, make_policy
+from fwm.trajectories.future import FUTURE_STARTS
+from fwm.trajectories.policies import POLICY_NAMES, ArithmeticMoves, KnowledgeMoves, make_policy, off_gold_steps
 from fwm.trajectories.teacher import TeacherStats
 
 WORLD_KINDS = ("knowledge", "arithmetic")
@@ -107,6 +109,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.blocks.writer = "rule"                 # rule | teacher (fwm.trajectories.teacher, needs an endpoint)
     c.blocks.share = 0.5                     # share of mid-training steps that get a block (WM-AMT)
     c.blocks.mc_k = 8                        # Monte Carlo continuations per block
+    c.blocks.confidence = "q"                # q: Q(s_t, a_t), continuations after a_t | v: V(s_t), before a_t
+    c.blocks.future_start = "observation"    # keywords count as grounded in what follows from: observation | action
     c.blocks.teacher = ml_collections.ConfigDict(dict(
         base_url="http://localhost:8000/v1", model="", api_key_env="", temperature=0.0, max_tokens=512,
         timeout_s=60.0, max_retries=3, backoff_s=1.0, cache_dir="", retry_with_feedback=True,
@@ -176,6 +180,10 @@ def validate_data_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     _require(c.blocks.writer in blocks_lib.WRITERS, "blocks.writer", f"one of {blocks_lib.WRITERS}", c.blocks.writer)
     _require(0 <= c.blocks.share <= 1, "blocks.share", "a share in [0, 1]", c.blocks.share)
     _require(c.blocks.mc_k >= 1, "blocks.mc_k", "an int >= 1", c.blocks.mc_k)
+    _require(c.blocks.confidence in blocks_lib.CONDITIONINGS, "blocks.confidence",
+             f"one of {blocks_lib.CONDITIONINGS} (Q(s_t, a_t) or V(s_t))", c.blocks.confidence)
+    _require(c.blocks.future_start in FUTURE_STARTS, "blocks.future_start", f"one of {FUTURE_STARTS}",
+             c.blocks.future_start)
     if c.blocks.writer == "teacher":
         _require(bool(c.blocks.teacher.model.strip()), "blocks.teacher.model", "the teacher's model name",
                  c.blocks.teacher.model)
@@ -247,6 +255,7 @@ class _World:
     kind: str
     splits: Mapping[str, tuple[Task, ...]]  # mid_train, sft, rl, eval
     entity_names: tuple[str, ...]
+    entity_types: Mapping[str, str]  # name -> type (knowledge world; empty for arithmetic)
     documents: tuple[Mapping[str, str], ...]  # {"id", "text"} for a pretraining corpus (knowledge only)
     moves: Any
     write: Callable[[str], None]
@@ -258,6 +267,7 @@ def _make_world(config: ml_collections.ConfigDict) -> _World:
         world = generate_knowledge_world(world_config(config), seed)
         train, test = world.train_tasks, world.test_tasks
         names = tuple(entity.name for entity in world.entities)
+        types = {entity.name: entity.type for entity in world.entities}
         documents = tuple({"id": doc.id, "text": doc.contents} for doc in world.documents)
         moves: Any = KnowledgeMoves.from_world(world)
 
@@ -267,7 +277,7 @@ def _make_world(config: ml_collections.ConfigDict) -> _World:
     else:
         arithmetic = world_config(config)
         train, test = generate_arithmetic_tasks(arithmetic, seed)
-        names, documents, moves = (), (), ArithmeticMoves()
+        names, types, documents, moves = (), {}, (), ArithmeticMoves()
 
         def write(directory: str) -> None:
             write_arithmetic_tasks(arithmetic, seed, train, test, directory)
@@ -275,7 +285,7 @@ def _make_world(config: ml_collections.ConfigDict) -> _World:
     rl_end = sft_end + config.splits.rl_tasks
     splits = {"sft": tuple(train[:sft_end]), "rl": tuple(train[sft_end:rl_end]), "mid_train": tuple(train[rl_end:]),
               "eval": tuple(test)}
-    return _World(kind, splits, names, documents, moves, write)
+    return _World(kind, splits, names, types, documents, moves, write)
 
 
 def _env_spec(config: ml_collections.ConfigDict, world_dir: str) -> collect_lib.EnvSpec:
@@ -309,21 +319,40 @@ def _collect_stats(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             for policy, group in by_policy.items()}
 
 
-def _block_stats(rows: Sequence[Mapping[str, Any]], outcomes: Mapping[str, float], mc_k: int) -> dict[str, Any]:
+def confidence_quality(confidences: Sequence[int], successes: Sequence[bool], erring: Sequence[bool]) -> dict[str, Any]:
+    """How well block confidences (0-100) predict the recorded episodes' outcomes, and whether they tell the
+    steps that err (policies.off_gold_steps) from the rest: mean q on each, AUROC and Brier of q / 100
+    against success (fwm.calibration)."""
+    q_N = np.asarray(confidences, np.float64) / 100.0
+    y_N = np.asarray(successes, np.float64)
+    erring_N = np.asarray(erring, bool)
+    area = calibration.auroc(q_N, y_N)
+
+    def mean(values: np.ndarray) -> float | None:
+        return round(float(values.mean() * 100), 2) if values.size else None
+
+    return {"steps": int(q_N.size), "erring_steps": int(erring_N.sum()), "mean_q_erring": mean(q_N[erring_N]),
+            "mean_q_other": mean(q_N[~erring_N]), "mean_q": mean(q_N), "success_rate": round(float(y_N.mean()), 4),
+            "auroc": None if area is None else round(area, 4), "brier": round(calibration.brier_score(q_N, y_N), 4)}
+
+
+def _block_stats(rows: Sequence[Mapping[str, Any]], outcomes: Mapping[str, float], mc_k: int,
+                 conditioning: str) -> dict[str, Any]:
     written = [row for row in rows if row["block"] is not None]
-    confidences = np.asarray([row["confidence"] for row in rows], np.float64) / 100.0
-    success = np.asarray([collect_lib.succeeded(outcomes[row["trajectory_id"]]) for row in rows], np.float64)
     stats: dict[str, Any] = {
         "annotated_steps": len(rows), "blocks_written": len(written), "rejections": len(rows) - len(written),
         "spoiler_rejections": sum(bool(row["spoiler_rejection"]) for row in rows), "mc_k": mc_k,
-        "continuations": len(rows) * mc_k,
+        "confidence_kind": conditioning, "continuations": sum(row["mc_k"] for row in rows),
         "mean_keywords": round(float(np.mean([len(r["block"]["keywords"]) for r in written])), 3) if written else 0.0,
         "rejection_examples": [row["rejection"] for row in rows if row["rejection"]][:3],
     }
-    if rows:  # how well q_t (from continuations) predicts the recorded episode's own outcome
-        stats["mean_confidence"] = round(float(confidences.mean() * 100), 2)
-        stats["recorded_success_rate"] = round(float(success.mean()), 4)
-        stats["brier_vs_recorded_outcome"] = round(float(np.mean((confidences - success) ** 2)), 4)
+    # q against the recorded episode's own outcome. Mid-training steps only: the SFT trajectories are chosen
+    # for success, so their steps would make any q look discriminative.
+    mid = [row for row in rows if row["trajectory_id"].startswith("mid_train/")]
+    if mid:
+        stats["q_vs_outcome"] = confidence_quality(
+            [row["confidence"] for row in mid], [collect_lib.succeeded(outcomes[row["trajectory_id"]]) for row in mid],
+            [row["erring"] for row in mid])
     return stats
 
 
@@ -381,7 +410,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     blocks_dir = os.path.join(workdir, "blocks")
     teacher = c.blocks.teacher.to_dict() if c.blocks.writer == "teacher" else {}
     blocks_fp = _fingerprint("blocks", collect_fp, c.blocks.writer, c.blocks.share, c.blocks.mc_k, teacher,
-                             c.corpora.mid_train_policies, c.corpora.sft_policies)
+                             c.blocks.confidence, c.blocks.future_start, c.corpora.mid_train_policies,
+                             c.corpora.sft_policies)
     if teacher and not teacher["cache_dir"]:  # paid replies survive a crashed or repeated run
         teacher["cache_dir"] = os.path.join(workdir, "teacher_cache")
     mid_rows = [r for r in _rows(os.path.join(trajectories_dir, "mid_train.jsonl"))
@@ -394,14 +424,20 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                  for row in mid_rows]
         items += [blocks_lib.BlockItem(row, tuple(range(len(row["actions"])))) for row in sft_rows]
         items = [item for item in items if item.steps]
-        job = blocks_lib.BlockJob(spec, policies, c.blocks.writer, teacher, c.seed, c.blocks.mc_k, world.entity_names)
+        job = blocks_lib.BlockJob(spec, policies, c.blocks.writer, teacher, c.seed, c.blocks.mc_k, world.entity_names,
+                                  conditioning=c.blocks.confidence, future_start=c.blocks.future_start,
+                                  entity_types=world.entity_types)
         per_item = collect_lib.map_chunks(blocks_lib.annotate_chunk, job, items, workers=c.workers,
                                           chunk_size=max(1, c.chunk_size // 4), desc="blocks", unit="trajectory",
                                           progress=c.progress)
-        rows = [row for annotated in per_item for row in annotated.rows]
+        rows = []
+        for item, annotated in zip(items, per_item):
+            record = collect_lib.record_from_row(item.trajectory, f"trajectory {item.trajectory['id']}")
+            erring = off_gold_steps(world.moves, record.task, record.actions)
+            rows += [{**row, "erring": erring[row["step"]]} for row in annotated.rows]
         write_jsonl(os.path.join(blocks_dir, "blocks.jsonl"), rows)
         outcomes = {item.trajectory["id"]: item.trajectory["score"] for item in items}
-        stats = _block_stats(rows, outcomes, c.blocks.mc_k)
+        stats = _block_stats(rows, outcomes, c.blocks.mc_k, c.blocks.confidence)
         if c.blocks.writer == "teacher":  # every chunk had its own writer (in its own process): sum them
             stats["teacher"] = blocks_lib.sum_counters([TeacherStats().as_dict()]
                                                        + [annotated.writer_counters for annotated in per_item])
@@ -460,10 +496,18 @@ def format_stats(stats: Mapping[str, Any]) -> str:
                          f"mean turns {s['mean_turns']:.2f}  out of turns {s['turn_budget_endings']}")
     lines.append(f"blocks: {blocks['blocks_written']} written of {blocks['annotated_steps']} annotated steps, "
                  f"{blocks['rejections']} rejected ({blocks['spoiler_rejections']} for spoilers); Monte Carlo "
-                 f"K={blocks['mc_k']} ({blocks['continuations']} continuations)"
-                 + (f"; mean confidence {blocks['mean_confidence']:.1f}, recorded success "
-                    f"{100 * blocks['recorded_success_rate']:.1f}%, Brier vs recorded outcome "
-                    f"{blocks['brier_vs_recorded_outcome']:.3f}" if "mean_confidence" in blocks else ""))
+                 f"K={blocks['mc_k']} ({blocks['continuations']} continuations), confidence "
+                 f"{'Q(s_t, a_t): after a_t' if blocks['confidence_kind'] == 'q' else 'V(s_t): before a_t'}")
+    if "q_vs_outcome" in blocks:
+        q = blocks["q_vs_outcome"]
+
+        def shown(value: float | None, form: str) -> str:
+            return "n/a" if value is None else format(value, form)
+
+        lines.append(f"  q on {q['steps']} mid-training steps: mean {shown(q['mean_q'], '.1f')} vs success "
+                     f"{100 * q['success_rate']:.1f}%; erring steps ({q['erring_steps']}) {shown(q['mean_q_erring'], '.1f')}"
+                     f" vs other steps {shown(q['mean_q_other'], '.1f')}; AUROC {shown(q['auroc'], '.3f')}, "
+                     f"Brier {q['brier']:.3f}")
     if "teacher" in blocks:
         t = blocks["teacher"]
         lines.append(f"  teacher: {t['blocks']} blocks, {t['cache_hits']} from the cache ({t['corrupt_cache_entries']} "
