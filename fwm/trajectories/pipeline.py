@@ -49,10 +49,11 @@ from fwm.trajectories import collect as collect_lib
 from fwm.trajectories import corpora as corpora_lib
 from fwm.trajectories.future import FUTURE_STARTS
 from fwm.trajectories.policies import POLICY_NAMES, ArithmeticMoves, KnowledgeMoves, make_policy, off_gold_steps
+from fwm.tokenizer import load_tokenizer, train_sentencepiece
 from fwm.trajectories.teacher import TeacherStats
 
 WORLD_KINDS = ("knowledge", "arithmetic")
-STAGE_NAMES = ("world", "collect", "blocks", "corpora")
+STAGE_NAMES = ("world", "collect", "blocks", "tokenizer", "corpora")
 _SPLITS = ("mid_train", "sft", "rl", "eval")
 _CORPORA = ("pretrain", "mid_train_plain", "mid_train_wm", "iwm", "sft_plain", "sft_state", "sft_full", "rl_tasks",
             "eval_tasks")
@@ -121,8 +122,17 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.corpora.mid_train_policies = ("noisy",)  # whose mid_train-split trajectories feed mid-train/WM-AMT/IWM
     c.corpora.sft_policies = ("noisy",)        # whose successful sft-split trajectories feed SFT (one per task)
     c.corpora.eval_fraction = 0.05             # trajectories held out into NAME_eval.jsonl
-    c.corpora.prompt_budget = 1024             # SFT prompt budget, in the token counter's units
-    c.corpora.tokenizer_path = ""              # counts tokens with it; '' counts whitespace words
+    c.corpora.sft_max_tokens = 1024            # SFT sample budget in tokenizer tokens (BOS + prompt + response + EOS):
+                                               # the SFT seq_len; the history is cut to fit, cuts are counted
+    c.corpora.pretrain_phrasings = 8           # search world: each document + 7 paraphrases of its facts
+
+    c.tokenizer = ml_collections.ConfigDict()  # the world's tokenizer, stage `tokenizer` (WORKDIR/tokenizer.model)
+    c.tokenizer.path = ""                      # '' trains one on all corpora; else use this tokenizer (e.g. a
+                                               # checkpoint's tokenizer.json) for token budgets and counts
+    c.tokenizer.vocab_size = 1024              # SentencePiece BPE, tags as user-defined symbols, byte fallback
+    c.tokenizer.model_type = "bpe"
+    c.tokenizer.character_coverage = 1.0
+    c.tokenizer.max_texts = 20000              # texts sampled (seeded) from the corpora to train it on
     return c
 
 
@@ -191,9 +201,19 @@ def validate_data_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     _check_policy_list("corpora.sft_policies", c.corpora.sft_policies, c.collect.policies, allow_empty=True)
     _require(0 <= c.corpora.eval_fraction < 1, "corpora.eval_fraction", "a fraction in [0, 1)",
              c.corpora.eval_fraction)
-    _require(c.corpora.prompt_budget >= 1, "corpora.prompt_budget", "an int >= 1", c.corpora.prompt_budget)
-    _require(not c.corpora.tokenizer_path or os.path.exists(c.corpora.tokenizer_path), "corpora.tokenizer_path",
-             "'' or an existing tokenizer file / directory", c.corpora.tokenizer_path)
+    _require(c.corpora.sft_max_tokens >= 64, "corpora.sft_max_tokens", "an int >= 64 (tokens per SFT sample)",
+             c.corpora.sft_max_tokens)
+    _require(c.corpora.pretrain_phrasings >= 1, "corpora.pretrain_phrasings", "an int >= 1 (1: the documents alone)",
+             c.corpora.pretrain_phrasings)
+    _require(not c.tokenizer.path or os.path.exists(c.tokenizer.path), "tokenizer.path",
+             "'' (train WORKDIR/tokenizer.model) or an existing tokenizer file / directory", c.tokenizer.path)
+    _require(c.tokenizer.vocab_size >= 512, "tokenizer.vocab_size", "an int >= 512 (256 byte pieces, tags, text)",
+             c.tokenizer.vocab_size)
+    _require(c.tokenizer.model_type in ("bpe", "unigram"), "tokenizer.model_type", "'bpe' or 'unigram'",
+             c.tokenizer.model_type)
+    _require(0 < c.tokenizer.character_coverage <= 1, "tokenizer.character_coverage", "a fraction in (0, 1]",
+             c.tokenizer.character_coverage)
+    _require(c.tokenizer.max_texts >= 1, "tokenizer.max_texts", "an int >= 1", c.tokenizer.max_texts)
     return config
 
 
@@ -214,10 +234,11 @@ class _Stage:
     name: str
     directory: str
     fingerprint: str
+    marker_name: str = "stage.json"  # the tokenizer stage writes into WORKDIR itself: tokenizer.stage.json
 
     @property
     def marker(self) -> str:
-        return os.path.join(self.directory, "stage.json")
+        return os.path.join(self.directory, self.marker_name)
 
     def finished(self) -> dict[str, Any] | None:
         """The marker if it matches this fingerprint and every output it lists exists, else None."""
@@ -257,6 +278,7 @@ class _World:
     entity_names: tuple[str, ...]
     entity_types: Mapping[str, str]  # name -> type (knowledge world; empty for arithmetic)
     documents: tuple[Mapping[str, str], ...]  # {"id", "text"} for a pretraining corpus (knowledge only)
+    facts: tuple[corpora_lib.Fact, ...]  # (subject, relation, object) names, for the document paraphrases
     moves: Any
     write: Callable[[str], None]
 
@@ -269,6 +291,8 @@ def _make_world(config: ml_collections.ConfigDict) -> _World:
         names = tuple(entity.name for entity in world.entities)
         types = {entity.name: entity.type for entity in world.entities}
         documents = tuple({"id": doc.id, "text": doc.contents} for doc in world.documents)
+        facts = tuple((entity.name, relation, world.entity(object_id).name) for entity in world.entities
+                      for relation, object_id in entity.relations)
         moves: Any = KnowledgeMoves.from_world(world)
 
         def write(directory: str) -> None:
@@ -277,7 +301,7 @@ def _make_world(config: ml_collections.ConfigDict) -> _World:
     else:
         arithmetic = world_config(config)
         train, test = generate_arithmetic_tasks(arithmetic, seed)
-        names, types, documents, moves = (), {}, (), ArithmeticMoves()
+        names, types, documents, facts, moves = (), {}, (), (), ArithmeticMoves()
 
         def write(directory: str) -> None:
             write_arithmetic_tasks(arithmetic, seed, train, test, directory)
@@ -285,7 +309,7 @@ def _make_world(config: ml_collections.ConfigDict) -> _World:
     rl_end = sft_end + config.splits.rl_tasks
     splits = {"sft": tuple(train[:sft_end]), "rl": tuple(train[sft_end:rl_end]), "mid_train": tuple(train[rl_end:]),
               "eval": tuple(test)}
-    return _World(kind, splits, names, types, documents, moves, write)
+    return _World(kind, splits, names, types, documents, facts, moves, write)
 
 
 def _env_spec(config: ml_collections.ConfigDict, world_dir: str) -> collect_lib.EnvSpec:
@@ -354,6 +378,20 @@ def _block_stats(rows: Sequence[Mapping[str, Any]], outcomes: Mapping[str, float
             [row["confidence"] for row in mid], [collect_lib.succeeded(outcomes[row["trajectory_id"]]) for row in mid],
             [row["erring"] for row in mid])
     return stats
+
+
+def _block_map(blocks_dir: str) -> dict[tuple[str, int], Any]:
+    """(trajectory id, step) -> accepted block, from blocks.jsonl."""
+    return {(row["trajectory_id"], row["step"]): blocks_lib.block_from_dict(row["block"])
+            for _, row in read_jsonl(os.path.join(blocks_dir, "blocks.jsonl")) if row["block"] is not None}
+
+
+def _file_digest(path: str) -> str:
+    """sha256 of a given tokenizer file ('' for none or a directory, which is fingerprinted by path only)."""
+    if not path or not os.path.isfile(path):
+        return ""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -446,22 +484,45 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     results["blocks"], skipped = _Stage("blocks", blocks_dir, blocks_fp).execute(run_blocks)
     stages["blocks"] = "skipped" if skipped else "ran"
 
+    # -- tokenizer: trained on the text of every corpus before the corpora are cut to token budgets
+    pretrain = corpora_lib.pretrain_records(world.documents, world.facts, c.corpora.pretrain_phrasings, c.seed) \
+        if world.documents else []
+    tokenizer_path = os.path.abspath(c.tokenizer.path) if c.tokenizer.path else os.path.join(workdir, "tokenizer.model")
+    tokenizer_fp = _fingerprint("tokenizer", blocks_fp, c.tokenizer.to_dict(), c.corpora.pretrain_phrasings, c.seed,
+                                _file_digest(c.tokenizer.path))
+
+    def run_tokenizer() -> tuple[dict[str, Any], list[str]]:
+        if c.tokenizer.path:  # given: nothing to train
+            tokenizer = load_tokenizer(tokenizer_path)
+            return {"path": tokenizer_path, "trained": False, "vocab_size": tokenizer.vocab_size}, []
+        block_map = _block_map(blocks_dir)
+        texts = corpora_lib.tokenizer_texts(mid_rows, sft_rows, block_map, pretrain)
+        if len(texts) > c.tokenizer.max_texts:
+            keep = np.random.default_rng(collect_lib.derive_seed(c.seed, "tokenizer")).permutation(len(texts))
+            texts = [texts[i] for i in sorted(keep[:c.tokenizer.max_texts])]
+        tokenizer = train_sentencepiece(texts, tokenizer_path, c.tokenizer.vocab_size, model_type=c.tokenizer.model_type,
+                                        character_coverage=c.tokenizer.character_coverage, seed=c.seed)
+        return ({"path": tokenizer_path, "trained": True, "vocab_size": tokenizer.vocab_size, "texts": len(texts),
+                 "characters": sum(len(text) for text in texts)}, [os.path.basename(tokenizer_path)])
+
+    results["tokenizer"], skipped = _Stage("tokenizer", workdir, tokenizer_fp, "tokenizer.stage.json").execute(
+        run_tokenizer)
+    stages["tokenizer"] = "skipped" if skipped else "ran"
+
     # -- corpora
     corpora_dir = os.path.join(workdir, "corpora")
-    corpora_fp = _fingerprint("corpora", blocks_fp, c.corpora.to_dict(), c.seed)
+    corpora_fp = _fingerprint("corpora", tokenizer_fp, c.corpora.to_dict(), c.seed)
 
     def run_corpora() -> tuple[dict[str, Any], list[str]]:
-        block_map = {(row["trajectory_id"], row["step"]): blocks_lib.block_from_dict(row["block"])
-                     for _, row in read_jsonl(os.path.join(blocks_dir, "blocks.jsonl")) if row["block"] is not None}
+        block_map = _block_map(blocks_dir)
         extra: dict[str, tuple[str, Sequence[Mapping[str, Any]]]] = {
             "rl_tasks": ("rl", [task.to_dict() for task in read_tasks(os.path.join(world_dir, "splits", "rl.jsonl"))]),
             "eval_tasks": ("rl", [task.to_dict() for task in read_tasks(os.path.join(world_dir, "splits", "eval.jsonl"))]),
         }
-        if world.documents:
-            extra["pretrain"] = ("lm", list(world.documents))
+        if pretrain:
+            extra["pretrain"] = ("lm", pretrain)
         options = corpora_lib.CorpusOptions(seed=c.seed, eval_fraction=c.corpora.eval_fraction,
-                                            prompt_budget=c.corpora.prompt_budget,
-                                            tokenizer_path=c.corpora.tokenizer_path)
+                                            sft_max_tokens=c.corpora.sft_max_tokens, tokenizer_path=tokenizer_path)
         summary = corpora_lib.build_corpora(corpora_dir, mid_rows, sft_rows, block_map, options, extra)
         outputs = ["manifest.json"] + [entry["path"] for entry in summary["corpora"].values()]
         outputs += [entry["eval_path"] for entry in summary["corpora"].values() if "eval_path" in entry]
@@ -513,16 +574,21 @@ def format_stats(stats: Mapping[str, Any]) -> str:
         lines.append(f"  teacher: {t['blocks']} blocks, {t['cache_hits']} from the cache ({t['corrupt_cache_entries']} "
                      f"corrupt entries); {t['requests']} requests, {t['retries']} retries, {t['http_failures']} "
                      f"HTTP failures; {t['malformed_replies']} malformed and {t['spoiler_replies']} leaking "
-                     f"replies; {t['rejections']} steps rejected")
+                     f"replies; {t['rejections']} steps rejected; {t['ungrounded_keywords']} ungrounded keywords "
+                     f"dropped, {t['ungrounded_replies']} replies without a grounded keyword")
     lines.append(f"corpora: steps mid-training {corpora['mid_train_steps']} ({corpora['mid_train_trajectories']} "
                  f"trajectories, {corpora['wm_blocks_inserted']} blocks in WM-AMT), SFT {corpora['sft_steps']} "
                  f"({corpora['sft_trajectories']} trajectories); skipped {corpora['skipped_trajectories']}")
-    lines.append(f"  tokens counted as {corpora['token_count']}")
+    tokenizer = stats["tokenizer"]
+    lines.append(f"tokenizer: {tokenizer['path']} ({'trained on ' + str(tokenizer['texts']) + ' texts, ' if tokenizer['trained'] else 'given, '}"
+                 f"{tokenizer['vocab_size']} pieces); tokens counted as {corpora['token_count']}")
     for name, entry in _ordered(corpora["corpora"], _CORPORA):
         roles = f" trained_roles={','.join(entry['trained_roles'])}" if "trained_roles" in entry else ""
+        sft = (f"; history cut in {entry['history_cut']} ({100 * entry['history_cut'] / max(entry['records'], 1):.1f}%), "
+               f"{entry['over_max_tokens']} over {corpora['sft_max_tokens']} tokens" if entry["stage"] == "sft" else "")
         lines.append(f"  {name:16s} {entry['stage']:3s} {entry['records']:7d} records (+{entry['eval_records']} eval) "
                      f"{entry['tokens']:9d} tokens, {entry['trained_tokens']:9d} trained, "
-                     f"{entry['bytes'] / 1e6:7.2f} MB{roles}")
+                     f"{entry['bytes'] / 1e6:7.2f} MB{roles}{sft}")
     seconds = {name: stats[name].get("seconds") for name in STAGE_NAMES}
     lines.append("seconds (when run): " + ", ".join(f"{name} {s}" for name, s in seconds.items()))
     return "\n".join(lines)
