@@ -1,4 +1,5 @@
 """The teacher-LLM block writer against a real local chat-completions server with scripted replies."""
+import dataclasses
 import json
 import os
 import random
@@ -14,7 +15,7 @@ from fwm.envs.base import Task
 from fwm.schema import Action, render_world_model
 from fwm.trajectories.spoilers import BlockRejected, StepContext, spoiler_terms
 from fwm.trajectories.teacher import (SYSTEM_PROMPT, TeacherBlockWriter, TeacherError, block_from_reply,
-                                      check_confidence)
+                                      check_confidence, ground_keywords)
 from local_http import LocalJSONServer
 
 TASK = Task(id="knowledge-train-00007", question="Where was the founder of Orbix Labs born?", answers=("Velmora",),
@@ -366,3 +367,14 @@ def test_from_config_takes_the_constructor_arguments_and_names_unknown_keys(serv
 def test_a_confidence_outside_0_to_100_is_the_callers_error(confidence):
     with pytest.raises(ValueError, match="confidence must be an int in"):
         check_confidence(confidence)
+
+
+def test_teacher_keywords_pass_the_rule_writers_grounding_test():
+    """Keywords are kept only if found in what follows a_t (future.what_follows); where nothing follows (the final
+    answer) the block keeps none, as the rule writer's; the looser start="action" counts a_t's own text."""
+    block = block_from_reply(GOOD.replace("Orbix Labs; founded by; founder", "Velmora; founded by"), 10)
+    assert ground_keywords(block, context_at(2), "observation") == (dataclasses.replace(block, keywords=[]), 2)
+    assert ground_keywords(block, context_at(2), "action")[0].keywords == ["Velmora"]
+    assert ground_keywords(block, context_at(0), "observation")[0].keywords == ["Velmora", "founded by"]
+    with pytest.raises(BlockRejected, match="no keyword occurs in what follows"):
+        ground_keywords(dataclasses.replace(block, keywords=["founder"]), context_at(1), "observation")

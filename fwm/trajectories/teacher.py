@@ -10,7 +10,8 @@ Carlo estimate) and the writer puts it in the block.
 The teacher's reply is input like any model output: it is parsed with fwm.schema, checked for
 spoilers with check_block, its keywords are grounded like the rule writer's (kept only if they occur in
 what follows a_t, fwm.trajectories.future.what_follows from `future_start`; the others are dropped and
-counted, and a reply with no grounded keyword is retried like a malformed one), and a malformed or
+counted, and a reply with no grounded keyword where something follows is retried like a malformed
+one), and a malformed or
 leaking reply is retried (telling the teacher what was
 wrong unless retry_with_feedback is off); connection errors, timeouts, 408/429 and 5xx answers are
 retried with exponential backoff. When every try fails the writer raises BlockRejected with the
@@ -149,11 +150,13 @@ def block_from_reply(reply: Any, confidence: int) -> WorldModelBlock:
 
 
 def ground_keywords(block: WorldModelBlock, context: StepContext, future_start: str) -> tuple[WorldModelBlock, int]:
-    """(the block with only its keywords found in what follows a_t, how many were dropped); BlockRejected
-    when none is left. The same grounding test as the rule writer's (fwm.trajectories.future)."""
+    """(the block with only its keywords found in what follows a_t, how many were dropped), by the rule
+    writer's grounding test (fwm.trajectories.future). BlockRejected when none is left although something
+    follows; where nothing does (the final answer, with future_start "observation") the block keeps no
+    keyword, as the rule writer's does."""
     future = context.future_text(future_start)
     kept = [keyword for keyword in block.keywords if keyword_found(keyword, future)]
-    if not kept:
+    if not kept and future.strip():
         raise BlockRejected(f"no keyword occurs in what follows the next action (keywords "
                             f"{'; '.join(block.keywords)!r}); write terms its result or later steps contain")
     return dataclasses.replace(block, keywords=kept), len(block.keywords) - len(kept)
