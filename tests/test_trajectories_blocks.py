@@ -238,6 +238,19 @@ def test_arithmetic_blocks_hide_unseen_values(arithmetic_env_rows):
                 assert not contains_term(text, str(step["after"])), (step, text)
     first = next(r for r in annotated if r["step"] == 0)
     assert "[result of step" in first["block"]["roadmap"] or len(rows[0]["task"]["metadata"]["steps"]) == 1
+    erring = 0
+    for row in rows:  # the first intent is a_t as the agent runs it: its operator and operand, right or wrong
+        record = collect.record_from_row(row)
+        flags = off_gold_steps(ArithmeticMoves(), record.task, record.actions)
+        for r in (r for r in annotated if r["trajectory_id"] == row["id"]):
+            action, intent = record.actions[r["step"]], r["block"]["roadmap"].split("; then ")[0]
+            erring += flags[r["step"]]
+            if action.kind == "answer":
+                assert intent.startswith("Answer "), intent
+            elif action.argument.startswith("x = "):
+                _, op, operand = action.argument.split("\n")[0][len("x = "):].split(" ")
+                assert intent.startswith("Compute ") and intent.replace(",", "").split(" ")[2:4] == [op, operand], intent
+    assert erring > 0
 
 
 @pytest.fixture(scope="module")

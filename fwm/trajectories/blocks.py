@@ -201,7 +201,7 @@ class RuleBlockWriter:
         if world == "knowledge":
             roadmap, candidates, analysis = self._knowledge(context, forbidden)
         elif world == "arithmetic":
-            roadmap, candidates, analysis = self._arithmetic(context)
+            roadmap, candidates, analysis = self._arithmetic(context, forbidden)
         else:
             raise BlockRejected(f"task {context.task.id}: the rule writer knows the synthetic worlds 'knowledge' "
                                 f"and 'arithmetic', not metadata world {world!r}")
@@ -265,7 +265,7 @@ class RuleBlockWriter:
         return roadmap, candidates, analysis
 
     @staticmethod
-    def _arithmetic(context: StepContext) -> tuple[str, list[str | None], str]:
+    def _arithmetic(context: StepContext, forbidden: Sequence[str]) -> tuple[str, list[str | None], str]:
         task, past, step = context.task, context.past, context.step
         steps = task.metadata["steps"]
         values = [task.metadata["start"]] + [s["after"] for s in steps]
@@ -279,7 +279,8 @@ class RuleBlockWriter:
             for j, value in reversed(list(enumerate(values))):  # a repeated value reads as its latest step
                 if text == str(value) and (j <= known or not contains_term(visible, text)):
                     return shown(j)
-            return text if contains_term(visible, text) else "[another number]"
+            # Other numbers are the agent's own constants and guesses: named unless the spoiler check forbids them.
+            return "[another number]" if text in forbidden else text
 
         def describe(action: Action) -> str:
             if action.kind == ANSWER:

@@ -268,7 +268,8 @@ class Progress:
     def _log(self) -> None:
         self._last = time.monotonic()
         elapsed = self._last - self._start
-        logging.info("%s: %d/%d %ss (%.0f%%) in %.1f s", self.desc, self.done, self.total, self.unit,
+        units = self.unit[:-1] + "ies" if self.unit.endswith("y") else self.unit + "s"
+        logging.info("%s: %d/%d %s (%.0f%%) in %.1f s", self.desc, self.done, self.total, units,
                      100.0 * self.done / max(self.total, 1), elapsed)
 
     def __exit__(self, *exc_info: Any) -> None:

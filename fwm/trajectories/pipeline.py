@@ -7,11 +7,21 @@ naming the dotted key. Layout of WORKDIR:
 
   world/      world files (fwm.envs.synthetic writers), bm25/ (search), splits/{mid_train,sft,rl}.jsonl
   trajectories/{mid_train,sft}.jsonl   one row per episode (fwm.trajectories.collect.trajectory_row)
-  blocks/blocks.jsonl                  one row per annotated step: Monte Carlo outcomes, block or rejection
-                                       (with writer=teacher, the stats hold the teacher's summed counters)
-  corpora/    mid_train_plain, mid_train_wm, iwm, sft_{plain,state,full} (+ _eval), pretrain (search
-              world documents), rl_tasks, eval_tasks, manifest.json (stage and trained_roles per file)
+  blocks/blocks.jsonl                  one row per annotated step: Monte Carlo outcomes and their conditioning
+                                       ("confidence_kind": q or v), whether the step errs ("erring",
+                                       policies.off_gold_steps), block or rejection (with writer=teacher, the
+                                       stats hold the teacher's summed counters)
+  tokenizer.model                      the world's SentencePiece tokenizer, trained on the text of every corpus
+                                       (stage `tokenizer`, marker tokenizer.stage.json; tokenizer.path given: none)
+  corpora/    mid_train_plain, mid_train_wm, iwm, sft_{plain,state,full}, pretrain (search world documents and
+              their paraphrases) (+ NAME_eval), rl_tasks, eval_tasks, manifest.json: "tokenizer" (its path
+              relative to the manifest), per corpus stage, trained_roles, records and tokens (total, trained)
+              in that tokenizer's tokens, SFT history cuts and samples over corpora.sft_max_tokens
   stats.json
+
+The tokenizer is trained before the corpora are cut, on the same text rendered without token budgets
+(corpora.tokenizer_texts), because cutting SFT prompts to a token budget needs the tokenizer that the
+training stages will use.
 
 Reruns skip finished stages. Each stage directory gets a `stage.json` marker, written last, holding a
 fingerprint of the config keys the stage reads and of the stage before it; a stage is skipped when its
