@@ -177,6 +177,13 @@ def _decode(cfg: transformer.ModelConfig, mode: SamplingMode, max_new: int, stop
     return final.tokens_BxN, final.logprobs_BxN, final.sampling_BxN, final.lengths_B, final.done_B
 
 
+@functools.lru_cache(maxsize=16)
+def _param_shardings(cfg: transformer.ModelConfig, mesh: Mesh) -> dict:
+    """NamedShardings of the parameters by the training rules (fsdp / tensor). Memoised like a jit cache:
+    deriving the logical axes traces the model's init (~0.1 s), more than a short decode takes."""
+    return logical_to_sharding(transformer.param_logical_axes(cfg), mesh, transformer.param_shapes(cfg))
+
+
 def compiled_programs() -> dict[str, int]:
     """How many programs each jitted part holds (a test hook: equal before and after a same-bucket call)."""
     return {"init_cache": _init_cache._cache_size(), "prefill": _prefill._cache_size(),
@@ -236,7 +243,7 @@ def generate(cfg: transformer.ModelConfig, params: dict, prompts: Sequence[Seque
         # CPU backends cannot donate; the cache is then copied, which is correct, just not free.
         warnings.filterwarnings("ignore", "Some donated buffers were not usable")
         # Parameters by the training rules (fsdp / tensor); prompt rows over (data, fsdp) like a training batch.
-        params = jax.device_put(params, logical_to_sharding(transformer.param_logical_axes(cfg), mesh, params))
+        params = jax.device_put(params, _param_shardings(cfg, mesh))
         cache = _init_cache(cfg, batch, length + max_new_tokens)
         place = lambda x: jax.device_put(x, batch_sharding(mesh, x.shape))  # noqa: E731
         logits_BxV, cache, positions_B = _prefill(cfg, params, cache, place(tokens_BxL), place(valid_BxL))
