@@ -2,6 +2,8 @@
 
   fwm eval --config experiments/eval.py --config.checkpoint=TRAIN_DIR --config.data_dir=DATA_DIR --workdir OUT
   fwm eval --config experiments/eval.py:runlocal,sampled ...   # 8 tasks, short responses; + 4 samples per task
+  fwm eval --config experiments/eval.py --config.checkpoint=DIR --config.tasks_file=nq_test.parquet \
+      --config.tasks_format=search_r1 --config.env.retriever_url=http://HOST:8000/retrieve --workdir OUT
 
 One greedy episode per task by default. Variants (comma-separated arg): runlocal (a smoke test: 8 tasks,
 64 new tokens, 4 turns), sampled (also 4 sampled episodes per task at temperature 1: mean@4 / pass@4),

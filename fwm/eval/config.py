@@ -14,6 +14,9 @@ from fwm.envs.scoring import QA_METRICS
 from fwm.schema import VARIANTS
 
 
+TASK_FORMATS = ("fwm", "search_r1", "gsm8k", "math")
+
+
 def default_eval_config() -> ml_collections.ConfigDict:
     """Every key `fwm eval` reads, with defaults."""
     c = ml_collections.ConfigDict()
@@ -22,6 +25,7 @@ def default_eval_config() -> ml_collections.ConfigDict:
     c.tokenizer = ""            # '' : the tokenizer named in the checkpoint's meta (else CHECKPOINT/tokenizer.model)
     c.data_dir = ""             # a `fwm data` workdir: world/ (retriever or arithmetic) and corpora/
     c.tasks_file = ""           # '' : DATA_DIR/corpora/eval_tasks.jsonl (questions no training stage saw)
+    c.tasks_format = "fwm"      # fwm (Task JSONL) | search_r1 | gsm8k | math (fwm.envs.readers; JSONL or Parquet)
     c.max_tasks = 0             # the first N tasks (0: all)
     c.seed = 0                  # episode seeds (sampling)
     c.progress = True           # tqdm bars on stderr
@@ -35,6 +39,7 @@ def default_eval_config() -> ml_collections.ConfigDict:
     c.env.memory_mb = 512
     c.env.isolation = "auto"
     c.env.threads = 8           # tool calls in flight
+    c.env.retriever_url = ""    # a Search-R1 `POST /retrieve` server: search with it instead of DATA_DIR's BM25
 
     c.prompt = ml_collections.ConfigDict()
     c.prompt.variant = "full"   # the SFT variant the model was trained on: plain | state | full
@@ -59,6 +64,8 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     c = config
     require(bool(c.checkpoint), "checkpoint", "a checkpoint or training workdir (--config.checkpoint=DIR)", c.checkpoint)
     require(bool(c.data_dir or c.tasks_file), "data_dir", "a `fwm data` workdir (--config.data_dir=DIR)", c.data_dir)
+    require(c.tasks_format in TASK_FORMATS, "tasks_format", f"one of {TASK_FORMATS}", c.tasks_format)
+    require(bool(c.tasks_file) or c.tasks_format == "fwm", "tasks_file", f"a {c.tasks_format} file", c.tasks_file)
     require(c.max_tasks >= 0, "max_tasks", "an int >= 0 (0: all)", c.max_tasks)
     for axis in ("data", "fsdp", "tensor"):
         require(c.mesh[axis] == -1 or c.mesh[axis] > 0, f"mesh.{axis}", "a positive int or -1", c.mesh[axis])

@@ -3,6 +3,8 @@
   checkpoint (+ its tokenizer) --ModelPolicy--> fwm.rollout.episodes.run_episodes on the tasks of a
   `fwm data` workdir (corpora/eval_tasks.jsonl; env rebuilt from its world/: the BM25 index for the
   knowledge world, the sandboxed python tool for arithmetic) --> fwm.eval.metrics --> WORKDIR/
+Real benchmarks: tasks_file in a fwm.envs.readers format (tasks_format search_r1 | gsm8k | math) and, for
+search, env.retriever_url (a Search-R1 `POST /retrieve` server).
 
 Writes into config.workdir: eval.json (every number, the config and what was evaluated), eval.md (the
 tables, fwm.eval.report), episodes_greedy.jsonl / episodes_sampled.jsonl (every step: prompt and
@@ -22,8 +24,10 @@ import ml_collections
 from absl import logging
 
 from fwm.configlib import ConfigError
+from fwm.envs import readers
 from fwm.envs.base import Task, read_tasks
 from fwm.envs.jsonl import write_json, write_jsonl
+from fwm.envs.retrievers import HTTPRetriever, Retriever
 from fwm.envs.scoring import QA_METRICS, exact_match, f1
 from fwm.eval import metrics, report
 from fwm.eval.config import validate_eval_config
@@ -72,24 +76,40 @@ def resolve_tokenizer(configured: str, checkpoint_path: str, meta: Mapping[str, 
     raise FileNotFoundError(f"no tokenizer for {checkpoint_path}: tried {tried}; set --config.tokenizer=PATH")
 
 
-def env_spec(config: ml_collections.ConfigDict) -> EnvSpec:
-    """The env of the data workdir's world: search over world/bm25 if it exists, else the python tool."""
+def env_spec(config: ml_collections.ConfigDict) -> tuple[EnvSpec, Retriever | None]:
+    """The env and, for search over a server, its retriever. With env.retriever_url: search over that
+    Search-R1 server; else the data workdir's world (search over world/bm25 if it exists, else the python
+    tool); without a data workdir, the tool the task format implies (search_r1: search, else python)."""
     e = config.env
-    index_dir = os.path.join(config.data_dir, "world", "bm25")
-    if os.path.isdir(index_dir):
-        return EnvSpec("search", max_turns=e.max_turns, index_dir=index_dir, topk=e.topk, metric=e.metric)
-    if not os.path.isdir(os.path.join(config.data_dir, "world")):
-        raise ConfigError(f"config key 'data_dir': {config.data_dir!r} has no world/ directory; expected a "
-                          f"`fwm data` workdir")
-    return EnvSpec("python", max_turns=e.max_turns, timeout_s=e.timeout_s, memory_mb=e.memory_mb,
-                   isolation=e.isolation)
+    python = EnvSpec("python", max_turns=e.max_turns, timeout_s=e.timeout_s, memory_mb=e.memory_mb,
+                     isolation=e.isolation)
+    if e.retriever_url:  # index_dir only names the retriever here: EnvPool uses the one given
+        return (EnvSpec("search", max_turns=e.max_turns, index_dir=e.retriever_url, topk=e.topk, metric=e.metric),
+                HTTPRetriever(e.retriever_url, timeout_s=e.timeout_s))
+    if config.data_dir:
+        index_dir = os.path.join(config.data_dir, "world", "bm25")
+        if os.path.isdir(index_dir):
+            return EnvSpec("search", max_turns=e.max_turns, index_dir=index_dir, topk=e.topk, metric=e.metric), None
+        if not os.path.isdir(os.path.join(config.data_dir, "world")):
+            raise ConfigError(f"config key 'data_dir': {config.data_dir!r} has no world/ directory; expected a "
+                              f"`fwm data` workdir")
+        return python, None
+    if config.tasks_format == "search_r1":
+        raise ConfigError("config key 'env.retriever_url': search tasks without a data_dir need a retriever "
+                          "server (a Search-R1 POST /retrieve URL)")
+    return python, None
+
+
+_READERS = {"fwm": read_tasks, "search_r1": readers.read_search_r1, "gsm8k": readers.read_gsm8k,
+            "math": readers.read_math}
 
 
 def load_tasks(config: ml_collections.ConfigDict) -> tuple[str, list[Task]]:
+    """(path, the first max_tasks tasks) of tasks_file in tasks_format (default DATA_DIR/corpora/eval_tasks.jsonl)."""
     path = config.tasks_file or os.path.join(config.data_dir, "corpora", "eval_tasks.jsonl")
     if not os.path.isfile(path):
         raise ConfigError(f"config key 'tasks_file': no task file at {path}")
-    tasks = read_tasks(path)
+    tasks = _READERS[config.tasks_format](path)
     return path, tasks[:config.max_tasks] if config.max_tasks else tasks
 
 
@@ -141,7 +161,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     options = PromptOptions(variant=config.prompt.variant, budget_tokens=config.prompt.budget_tokens or room - 1,
                             max_prompt_tokens=room, strict_actions=config.prompt.strict_actions)
     tasks_file, tasks = load_tasks(config)
-    spec = env_spec(config)
+    spec, retriever = env_spec(config)
     logging.info("evaluating %s (%s) on %d tasks of %s with the %s tool", checkpoint_path, cfg, len(tasks), tasks_file,
                  spec.tool)
     score_metric = config.env.metric if spec.tool == "search" else "correct (math-verify)"
@@ -154,7 +174,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "sampling": s.to_dict(), "constant_answer": constant_answers(tasks, config.env.metric),
     }
     common = dict(max_new_tokens=s.max_new_tokens, stop_ids=(tokenizer.eos_id,), mesh=mesh, max_batch=s.max_batch)
-    with EnvPool(spec, threads=config.env.threads) as pool:
+    with EnvPool(spec, retriever=retriever, threads=config.env.threads) as pool:
         if s.greedy:
             policy = ModelPolicy(cfg, params, temperature=0.0, **common)
             episodes = run_episodes(episode_slots(tasks, 1, config.seed, "eval/greedy"), policy, pool, tokenizer,
