@@ -48,20 +48,20 @@ def _greedy_reference(params, prompt, n):
 def test_greedy_equals_full_forward_argmax_with_left_padding(params):
     prompts = _prompts(np.random.default_rng(0), [3, 9, 5])
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    samples = sampler.generate(CFG, params, prompts, max_new_tokens=12, mesh=mesh)
+    samples = sampler.generate(CFG, params, prompts, max_new_tokens=6, mesh=mesh)
     for prompt, sample in zip(prompts, samples):
-        tokens, logprobs = _greedy_reference(params, prompt, 12)
+        tokens, logprobs = _greedy_reference(params, prompt, 6)
         assert sample.tokens == tokens
         np.testing.assert_allclose(sample.logprobs, logprobs, atol=1e-4)
-        assert sample.sampling_logprobs == [0.0] * 12 and not sample.stopped
+        assert sample.sampling_logprobs == [0.0] * 6 and not sample.stopped
 
 
 def test_stop_ids_end_each_row_at_its_first_stop(params):
     prompts = _prompts(np.random.default_rng(1), [4, 6, 2, 7, 3])
-    free = sampler.generate(CFG, params, prompts, max_new_tokens=10)
+    free = sampler.generate(CFG, params, prompts, max_new_tokens=6)
     cut_at = next(i for i, t in enumerate(free[0].tokens) if i > 0 and t not in free[0].tokens[:i])
     stop = free[0].tokens[cut_at]  # row 0 stops there; other rows wherever (if ever) it appears
-    stopped = sampler.generate(CFG, params, prompts, max_new_tokens=10, stop_ids=(stop,))
+    stopped = sampler.generate(CFG, params, prompts, max_new_tokens=6, stop_ids=(stop,))
     for full, cut in zip(free, stopped):
         end = full.tokens.index(stop) + 1 if stop in full.tokens else len(full.tokens)
         assert cut.tokens == full.tokens[:end]
