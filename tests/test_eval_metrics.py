@@ -97,3 +97,18 @@ def test_gold_chain_following_per_step():
     assert out["episodes"] == 2 and out["overall"] == pytest.approx(3 / 7)
     assert out["by_step"] == [{"step": 1, "episodes": 2, "followed": 0.5}, {"step": 2, "episodes": 2, "followed": 0.0},
                               {"step": 3, "episodes": 2, "followed": 0.5}, {"step": 4, "episodes": 1, "followed": 1.0}]
+
+
+def test_by_hops_repeated_searches_and_top_answer_share():
+    one = [{"subject": "A", "object": "B"}]
+    two = one + [{"subject": "B", "object": "C"}]
+    eps = [_episode(_task(0, ["B"], hops=one), [search("A"), search("a"), answer("B")]),
+           _episode(_task(1, ["C"], hops=two), [search("A"), search("B"), search("X"), answer("B")]),
+           _episode(_task(2, ["x"]), [answer("b")])]
+    out = metrics.by_hops(eps)
+    assert list(out) == ["1 hop", "2 hops", "unknown", "all", "average"]
+    assert out["1 hop"]["success"] == 1.0 and out["2 hops"]["success"] == 0.0
+    s = metrics.summarize(eps)
+    assert s["repeated_searches"] == pytest.approx(1 / 5)  # "a" repeats "A" (normalised); other episodes' don't count
+    assert s["top_answer_share"] == 1.0  # "B", "B", "b": one answer for every question
+    assert metrics.top_answer_share([_episode(_task(3, ["x"]), [search("q")])]) == 0.0

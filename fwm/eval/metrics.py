@@ -2,7 +2,7 @@
 
 - `summarize`: score, exact match, F1, success, format adherence, turns, tool calls, tokens per episode.
 - `by_data_source`: `summarize` per task.data_source, over all episodes ("all", micro) and the mean of the
-  sources ("average", macro: the paper's "search avg").
+  sources ("average", macro: the paper's "search avg"); `by_hops`: per number of gold hops / steps.
 - `best_constant_answer`: the single answer string, chosen from the gold answers, that maximises the mean
   score over the tasks -- what "always say X" gets, printed beside every score.
 - `mean_and_pass_at_k`: mean@k and pass@k (unbiased estimator, Chen et al. 2021) over k samples per task.
@@ -61,17 +61,64 @@ def summarize(episodes: Sequence[Episode]) -> dict[str, float]:
         "response_tokens": mean([sum(len(step.response_ids) for step in e.steps) for e in episodes]),
         "prompt_tokens": mean([sum(len(step.prompt_ids) for step in e.steps) for e in episodes]),
         "truncated_prompts": mean([step.prompt_truncated for step in steps]),
+        "repeated_searches": mean(_repeated_searches(episodes)),
+        "top_answer_share": top_answer_share(episodes),
     }
+
+
+def _repeated_searches(episodes: Sequence[Episode]) -> list[bool]:
+    """Per search action, whether the same episode searched the same (normalised) query before."""
+    repeats = []
+    for episode in episodes:
+        seen: set[str] = set()
+        for step in episode.steps:
+            if step.action is not None and step.action.kind == "search":
+                query = normalize_answer(step.action.argument)
+                repeats.append(query in seen)
+                seen.add(query)
+    return repeats
+
+
+def top_answer_share(episodes: Sequence[Episode]) -> float:
+    """Share of final answers equal (normalised) to the most common one: near 1 is a collapsed policy that
+    says one thing whatever the question (compare with the best constant answer's score)."""
+    answers = [normalize_answer(e.record.final_answer) for e in episodes if e.record.final_answer is not None]
+    return collections.Counter(answers).most_common(1)[0][1] / len(answers) if answers else 0.0
 
 
 def by_data_source(episodes: Sequence[Episode], summary: Callable[[Sequence[Episode]], dict[str, Any]] = summarize
                    ) -> dict[str, dict[str, Any]]:
     """summary per data source ('' is named 'default'), then ALL (every episode) and AVERAGE (mean of the
     sources' numeric entries, 'episodes' summed)."""
+    return _grouped(episodes, lambda task: task.data_source or "default", summary)
+
+
+def num_hops(task: Task) -> int | None:
+    """Gold hops (knowledge world) or steps (arithmetic world) of a synthetic task; None otherwise."""
+    metadata = task.metadata if isinstance(task.metadata, Mapping) else {}
+    for key in ("hops", "steps"):
+        if isinstance(metadata.get(key), list):
+            return len(metadata[key])
+    return None
+
+
+def by_hops(episodes: Sequence[Episode], summary: Callable[[Sequence[Episode]], dict[str, Any]] = summarize
+            ) -> dict[str, dict[str, Any]]:
+    """summary per number of gold hops ('1 hop', '2 hops', ...; 'unknown' without them), ALL and AVERAGE."""
+    return _grouped(episodes, hops_label, summary)
+
+
+def hops_label(task: Task) -> str:
+    hops = num_hops(task)
+    return "unknown" if hops is None else f"{hops} hop" + ("s" if hops != 1 else "")
+
+
+def _grouped(episodes: Sequence[Episode], key: Callable[[Task], str],
+             summary: Callable[[Sequence[Episode]], dict[str, Any]]) -> dict[str, dict[str, Any]]:
     groups: dict[str, list[Episode]] = collections.defaultdict(list)
     for episode in episodes:
-        groups[episode.slot.task.data_source or "default"].append(episode)
-    out = {source: summary(group) for source, group in sorted(groups.items())}
+        groups[key(episode.slot.task)].append(episode)
+    out = {name: summary(group) for name, group in sorted(groups.items())}
     per_source = list(out.values())
     out[ALL] = summary(episodes)
     average: dict[str, Any] = {}

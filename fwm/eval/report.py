@@ -15,9 +15,9 @@ def _num(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
 
 
-def _rows(by_source: Mapping[str, Mapping[str, Any]], constants: Mapping[str, Mapping[str, Any]],
+def _rows(label: str, by_source: Mapping[str, Mapping[str, Any]], constants: Mapping[str, Mapping[str, Any]],
           extra: tuple[str, ...]) -> list[str]:
-    head = ("| data source | episodes | score (const) | EM (const) | F1 (const) | format % | turns | tool calls | "
+    head = (f"| {label} | episodes | score (const) | EM (const) | F1 (const) | format % | turns | tool calls | "
             "tokens/episode |" + "".join(f" {name} |" for name in extra))
     lines = [head, "|" + "---|" * (9 + len(extra))]
     for source, s in by_source.items():
@@ -39,18 +39,22 @@ def markdown(results: Mapping[str, Any]) -> str:
              f"{results['sampling']['max_new_tokens']} new tokens per step.", "",
              "Scores in %; in brackets the best constant answer on the same tasks (the single gold answer string "
              "that maximises the mean score: what always saying it would get). `all` pools every episode, "
-             "`average` is the mean over data sources.", ""]
+             "`average` is the mean over the rows above it. repeated_searches: share of searches repeating an "
+             "earlier one of the episode; top_answer_share: share of answers equal to the model's most common "
+             "answer (near 100: one answer whatever the question).", ""]
     constants = results["constant_answer"]
     for mode, title in (("greedy", "Greedy (one episode per task)"), ("sampled", "Sampled")):
         if mode not in results:
             continue
         run = results[mode]
-        extra: tuple[str, ...] = ()
+        extra: tuple[str, ...] = ("repeated_searches", "top_answer_share")
         if mode == "sampled":
             k = run["k"]
             title = f"Sampled: {k} episodes per task (temperature {results['sampling']['temperature']})"
-            extra = (f"mean@{k}", f"pass@{k}")
-        lines += [f"## {title}", ""] + _rows(run["by_source"], constants, extra) + [""]
+            extra += (f"mean@{k}", f"pass@{k}")
+        lines += [f"## {title}", ""] + _rows("data source", run["by_source"], constants, extra) + [""]
+        if "by_hops" in run:
+            lines += _rows("gold hops", run["by_hops"], results.get("constant_answer_by_hops", {}), extra) + [""]
         chain = run.get("gold_chain")
         if chain and chain["episodes"]:
             lines += [f"Gold chain followed (knowledge world; step = the next gold hop's subject, last the gold "

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 from absl import logging
@@ -113,19 +113,23 @@ def load_tasks(config: ml_collections.ConfigDict) -> tuple[str, list[Task]]:
     return path, tasks[:config.max_tasks] if config.max_tasks else tasks
 
 
-def constant_answers(tasks: Sequence[Task], score_metric: str) -> dict[str, dict[str, Any]]:
-    """Best constant answers per data source, over all tasks, and their mean over sources ('average')."""
+def constant_answers(tasks: Sequence[Task], score_metric: str, key: Callable[[Task], str]) -> dict[str, dict[str, Any]]:
+    """Best constant answers per group of tasks (`key`), over all tasks, and their mean over groups ('average')."""
     score_fn = QA_METRICS.get(score_metric, exact_match)
     functions = {"score": score_fn, "exact_match": exact_match, "f1": f1}
     groups: dict[str, list[Task]] = {}
     for task in tasks:
-        groups.setdefault(task.data_source or "default", []).append(task)
-    out = {source: metrics.constant_baselines(group, functions) for source, group in sorted(groups.items())}
-    per_source = list(out.values())
+        groups.setdefault(key(task), []).append(task)
+    out = {name: metrics.constant_baselines(group, functions) for name, group in sorted(groups.items())}
+    per_group = list(out.values())
     out[metrics.ALL] = metrics.constant_baselines(tasks, functions)
-    out[metrics.AVERAGE] = {name: {"answer": None, "value": sum(s[name]["value"] for s in per_source) / len(per_source)}
-                            for name in functions} if per_source else {}
+    out[metrics.AVERAGE] = {name: {"answer": None, "value": sum(g[name]["value"] for g in per_group) / len(per_group)}
+                            for name in functions} if per_group else {}
     return out
+
+
+def _source(task: Task) -> str:
+    return task.data_source or "default"
 
 
 def _results_of(episodes: Sequence[Episode], k: int | None) -> dict[str, Any]:
@@ -134,6 +138,8 @@ def _results_of(episodes: Sequence[Episode], k: int | None) -> dict[str, Any]:
     else:
         summary = lambda group: {**metrics.summarize(group), **metrics.mean_and_pass_at_k(group, k)}  # noqa: E731
     out = {"by_source": metrics.by_data_source(episodes, summary), "gold_chain": metrics.gold_chain_following(episodes)}
+    if any(metrics.num_hops(e.slot.task) is not None for e in episodes):
+        out["by_hops"] = metrics.by_hops(episodes, summary)
     if k is not None:
         out["k"] = k
     return out
@@ -171,8 +177,10 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "env": {"tool": spec.tool, "max_turns": spec.max_turns}, "score_metric": score_metric,
         "prompt": {"variant": options.variant, "budget_tokens": options.budget_tokens,
                    "max_prompt_tokens": options.max_prompt_tokens},
-        "sampling": s.to_dict(), "constant_answer": constant_answers(tasks, config.env.metric),
+        "sampling": s.to_dict(), "constant_answer": constant_answers(tasks, config.env.metric, _source),
     }
+    if any(metrics.num_hops(task) is not None for task in tasks):
+        results["constant_answer_by_hops"] = constant_answers(tasks, config.env.metric, metrics.hops_label)
     common = dict(max_new_tokens=s.max_new_tokens, stop_ids=(tokenizer.eos_id,), mesh=mesh, max_batch=s.max_batch)
     with EnvPool(spec, retriever=retriever, threads=config.env.threads) as pool:
         if s.greedy:
