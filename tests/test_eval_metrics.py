@@ -112,3 +112,41 @@ def test_by_hops_repeated_searches_and_top_answer_share():
     assert s["repeated_searches"] == pytest.approx(1 / 5)  # "a" repeats "A" (normalised); other episodes' don't count
     assert s["top_answer_share"] == 1.0  # "B", "B", "b": one answer for every question
     assert metrics.top_answer_share([_episode(_task(3, ["x"]), [search("q")])]) == 0.0
+
+
+def test_metrics_of_scripted_oracle_and_noisy_runs(tmp_path):
+    """Through the real runner: the oracle follows the gold chain at every step and always succeeds; the
+    chain metric agrees with the behaviour policies' own notion of progress on noisy episodes."""
+    from fwm import schema
+    from fwm.envs.retrievers import BM25Retriever
+    from fwm.envs.synthetic.knowledge import KnowledgeWorldConfig, generate_knowledge_world
+    from fwm.rollout.envs import EnvPool
+    from fwm.rollout.episodes import PromptOptions, ScriptedPolicy, episode_slots, run_episodes
+    from fwm.tokenizer import train_sentencepiece
+    from fwm.trajectories.collect import EnvSpec
+    from fwm.trajectories.policies import KnowledgeMoves, make_policy, progress
+
+    world = generate_knowledge_world(KnowledgeWorldConfig(num_train_questions=4, num_test_questions=10), seed=1)
+    BM25Retriever.build(world.corpus(), str(tmp_path / "bm25"))
+    tokenizer = train_sentencepiece([d.contents for d in world.documents], str(tmp_path / "tok.model"), 400)
+    moves = KnowledgeMoves.from_world(world)
+    spec = EnvSpec("search", max_turns=8, index_dir=str(tmp_path / "bm25"))
+    options = PromptOptions(variant=schema.PLAIN, budget_tokens=2000)
+    with EnvPool(spec) as pool:
+        oracle = run_episodes(episode_slots(world.test_tasks, 1, 0), ScriptedPolicy(make_policy("oracle", moves),
+                                                                                     tokenizer), pool, tokenizer, options)
+        noisy = run_episodes(episode_slots(world.test_tasks, 3, 0), ScriptedPolicy(
+            make_policy("noisy", moves, p_error=0.5, p_recover=0.5), tokenizer), pool, tokenizer, options)
+    s = metrics.summarize(oracle)
+    assert s["success"] == 1.0 and s["exact_match"] == 1.0 and s["format_adherence"] == 1.0
+    assert s["turns"] == pytest.approx(s["tool_calls"] + 1) and s["repeated_searches"] == 0.0
+    chain = metrics.gold_chain_following(oracle)
+    assert chain["overall"] == 1.0 and chain["episodes"] == 10
+    for episode in noisy:
+        followed = metrics.chain_steps_followed(episode)
+        history = [(step.action, step.observation) for step in episode.steps]
+        for t in range(len(history)):  # followed[t] <=> the step advanced the policies' progress counter
+            assert followed[t] == (progress(moves, episode.slot.task, history[:t + 1])[0]
+                                   > progress(moves, episode.slot.task, history[:t])[0])
+    assert 0.0 < metrics.gold_chain_following(noisy)["overall"] < 1.0
+    assert 0.0 < metrics.mean_and_pass_at_k(noisy, 3)["mean@3"] < metrics.mean_and_pass_at_k(noisy, 3)["pass@3"]
