@@ -120,7 +120,8 @@ def _sample(logits_BxV: jax.Array, key: jax.Array, temperature: jax.Array, top_p
 # ------------------------------------------------------------------------------------- jitted parts
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _init_cache(cfg: transformer.ModelConfig, batch: int, length: int) -> transformer.KVCache:
-    """An empty cache created in place with its shardings (rows over batch axes, kv heads over tensor)."""
+    """An empty cache created in place with its shardings: rows over (data, fsdp), so each data-parallel
+    shard keeps the keys of the rows it decodes; kv heads over tensor, beside the heads' projections."""
     cache = transformer.init_cache(cfg, batch, length)
     return transformer.KVCache(*(constrain(x, tuple(spec)) for x, spec in zip(cache, transformer.cache_logical_axes())))
 
@@ -242,12 +243,14 @@ def generate(cfg: transformer.ModelConfig, params: dict, prompts: Sequence[Seque
     with jax.set_mesh(mesh), warnings.catch_warnings():
         # CPU backends cannot donate; the cache is then copied, which is correct, just not free.
         warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-        # Parameters by the training rules (fsdp / tensor); prompt rows over (data, fsdp) like a training batch.
+        # Parameters by the training rules (fsdp / tensor): no second layout to keep in memory or to convert.
+        # Prompt rows over (data, fsdp) like a training batch: decoding is data-parallel over rows.
         params = jax.device_put(params, _param_shardings(cfg, mesh))
         cache = _init_cache(cfg, batch, length + max_new_tokens)
         place = lambda x: jax.device_put(x, batch_sharding(mesh, x.shape))  # noqa: E731
         logits_BxV, cache, positions_B = _prefill(cfg, params, cache, place(tokens_BxL), place(valid_BxL))
-        key = rng if rng is not None else jax.random.key(0)
+        key = rng if rng is not None else jax.random.key(0)  # unused by greedy decoding
+        # The key and the sampling scalars are replicated: every shard samples its rows from the same stream.
         outputs = _decode(cfg, mode, int(max_new_tokens), tuple(sorted({int(i) for i in stop_ids})), params, cache,
                           logits_BxV, positions_B, jax.device_put(key, replicated(mesh)),
                           jax.device_put(jnp.float32(max(temperature, 1e-6)), replicated(mesh)),
