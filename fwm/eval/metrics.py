@@ -90,7 +90,11 @@ def by_data_source(episodes: Sequence[Episode], summary: Callable[[Sequence[Epis
                    ) -> dict[str, dict[str, Any]]:
     """summary per data source ('' is named 'default'), then ALL (every episode) and AVERAGE (mean of the
     sources' numeric entries, 'episodes' summed)."""
-    return _grouped(episodes, lambda task: task.data_source or "default", summary)
+    return _grouped(episodes, source_label, summary)
+
+
+def source_label(task: Task) -> str:
+    return task.data_source or "default"
 
 
 def num_hops(task: Task) -> int | None:

@@ -128,10 +128,6 @@ def constant_answers(tasks: Sequence[Task], score_metric: str, key: Callable[[Ta
     return out
 
 
-def _source(task: Task) -> str:
-    return task.data_source or "default"
-
-
 def _results_of(episodes: Sequence[Episode], k: int | None) -> dict[str, Any]:
     if k is None:
         summary = metrics.summarize
@@ -177,7 +173,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "env": {"tool": spec.tool, "max_turns": spec.max_turns}, "score_metric": score_metric,
         "prompt": {"variant": options.variant, "budget_tokens": options.budget_tokens,
                    "max_prompt_tokens": options.max_prompt_tokens},
-        "sampling": s.to_dict(), "constant_answer": constant_answers(tasks, config.env.metric, _source),
+        "sampling": s.to_dict(), "constant_answer": constant_answers(tasks, config.env.metric, metrics.source_label),
     }
     if any(metrics.num_hops(task) is not None for task in tasks):
         results["constant_answer_by_hops"] = constant_answers(tasks, config.env.metric, metrics.hops_label)
