@@ -22,8 +22,9 @@ def _step(action, observation="", keywords=(), q=None, roadmap=None):
 
 
 def _episode(task, steps, success, sample=0, **counts):
-    record = EpisodeRecord(task=task, actions=[s.action for s in steps], observations=[s.observation for s in steps],
-                           score=1.0 if success else 0.0, num_turns=len(steps), done=True, **counts)
+    record = EpisodeRecord(task=task, actions=[s.action for s in steps],
+                           observations=[s.observation for s in steps], score=1.0 if success else 0.0,
+                           num_turns=len(steps), done=True, **counts)
     return Episode(EpisodeSlot(task, sample, 0), steps, record)
 
 
@@ -79,7 +80,8 @@ def test_grounding_precision_and_recall_by_hand():
     # grounding (tau_{>t}, agent actions included): t0 2/2 ("Lima" is the next query), t1 2/2, t2 1/2, plain 1/1
     assert [foresight.keywords_grounded(k, t) for t in range(4)] == [[True, True], [True, True], [True, False], []]
     g = foresight.keyword_grounding([k, plain])
-    assert g["rate"] == pytest.approx(6 / 7) and g["keywords"] == 7 and g["steps_with_keywords"] == pytest.approx(4 / 5)
+    assert g["rate"] == pytest.approx(6 / 7) and g["keywords"] == 7
+    assert g["steps_with_keywords"] == pytest.approx(4 / 5)
     # precision (observations only): "Lima" is only ever typed by the agent -> t0 1/2, t1 2/2, t2 1/2, plain 1/1
     assert foresight.keywords_confirmed(k, 0) == [True, False]
     # recall: t0 names both future entities by placeholder; at t1 Bo Kim is already seen and Acme is not
@@ -105,18 +107,27 @@ def test_planning_horizon_by_hand():
     assert out["by_offset"] == [{"offset": 0, "pairs": 6, "rate": pytest.approx(2 / 6)},
                                 {"offset": 1, "pairs": 6, "rate": pytest.approx(4 / 6)},
                                 {"offset": 2, "pairs": 4, "rate": 0.0}, {"offset": 3, "pairs": 2, "rate": 0.0}]
-    assert out["horizon"] == 1
-    # "far" is found exactly two steps ahead, not before, not after: the horizon is 2 (not cumulative)
+    assert out["horizon"] is None and out["largest_offset_at_half"] == 1  # rate(0) = 1/3 already fails
+    # "far" is found exactly two steps ahead, not before, not after (not cumulative); "near" in the step's
+    # own result and in the next step
     t = _task()
-    far = _episode(t, [_step(search("a"), "aa", ["far"]), _step(search("b"), "bb"), _step(search("far"), "cc"),
-                       _step(search("d"), "dd")], False)
-    assert foresight.planning_horizon([far])["horizon"] == 2
-    assert foresight.planning_horizon([_episode(t, [_step(None)], False)]) == {"horizon": None, "by_offset": []}
+    far = _episode(t, [_step(search("a"), "aa near", ["far", "near"]), _step(search("near"), "bb"),
+                       _step(search("far"), "cc"), _step(search("d"), "dd")], False)
+    out = foresight.planning_horizon([far])
+    assert [row["rate"] for row in out["by_offset"]] == [0.5, 0.5, 0.5, 0.0]
+    assert out["horizon"] == 2 and out["largest_offset_at_half"] == 2
+    gap = _episode(t, [_step(search("a"), "aa near", ["far", "near"]), _step(search("b"), "bb"),
+                       _step(search("far"), "cc")], False)  # offsets: 1/2, 0, 1/2
+    out = foresight.planning_horizon([gap])
+    assert out["horizon"] == 0 and out["largest_offset_at_half"] == 2
+    assert foresight.planning_horizon([_episode(t, [_step(None)], False)]) == {
+        "horizon": None, "largest_offset_at_half": None, "by_offset": []}
 
 
 def test_selected_at_k_by_hand():
     def group(name, qs_and_success):
-        return [_episode(_task(name), [_step(answer("a"), q=q)], s, sample=g) for g, (q, s) in enumerate(qs_and_success)]
+        return [_episode(_task(name), [_step(answer("a"), q=q)], s, sample=g)
+                for g, (q, s) in enumerate(qs_and_success)]
     eps = (group("t1", [(0.9, False), (0.4, True), (None, True)])   # picks 0.9 -> 0
            + group("t2", [(0.7, True), (0.7, False), (0.2, False)])  # tie at 0.7 -> 1/2
            + group("t3", [(None, False), (None, True), (None, False)])  # no q at all: uniform -> 1/3

@@ -24,8 +24,11 @@ keywords, q, response_text for the roadmap); a malformed step (no q, no keywords
 - Planning horizon (`planning_horizon`): offset h >= 0 from step t; the text of offset 0 is observation_t
   (a_t's own result, never a_t itself), of offset h >= 1 the action and observation of step t+h only (not
   cumulative). rate(h) = the share of (step t, keyword of t) pairs, over the steps t with keywords for
-  which step t+h exists, whose keyword is found in the text of offset h. The horizon is the largest h with
-  rate(h) >= 1/2 (None when none reaches it); every rate is reported with its number of pairs.
+  which step t+h exists, whose keyword is found in the text of offset h. The horizon is the largest h such
+  that rate(h') >= 1/2 for every h' <= h -- how far ahead the keywords *stay* right (None when rate(0) < 1/2).
+  The literal "largest h with rate(h) >= 1/2" is reported beside it (`largest_offset_at_half`): far offsets
+  rest on few long episodes and their rates are noisy (rule-written blocks on noisy synthetic episodes:
+  horizon 1, but rate(7) = 1/2 over 20 pairs). Every rate is reported with its number of pairs.
 - q at test time: `selected_at_k` (best-of-k by the last step's q) and `risk_coverage` (answer only when
   the last step's q reaches a threshold).
 """
@@ -41,7 +44,9 @@ from fwm.rollout.episodes import Episode
 from fwm.schema import parse_response
 from fwm.trajectories.blocks import arithmetic_placeholder, knowledge_placeholder
 from fwm.trajectories.future import action_text, keyword_found, what_follows
+from fwm.trajectories.spoilers import StepContext
 
+FUTURE_START = "observation"  # tau_{>t} from the observation of a_t on: the blocks' default grounding
 HALF = 0.5  # the planning horizon's bar: found at least half the time
 RISK_COVERAGE_THRESHOLDS = tuple(i / 10 for i in range(11))  # q thresholds 0, 0.1, ..., 1
 
@@ -51,23 +56,17 @@ def _share(hits: int, total: int) -> float | None:
 
 
 # ----------------------------------------------------------------------------------------- texts of an episode
-def step_future(episode: Episode, step: int) -> str:
-    """tau_{>t} of `step`: fwm.trajectories.future.what_follows over the episode's steps (default start)."""
-    return what_follows([s.action for s in episode.steps], [s.observation for s in episode.steps], step)
+def step_context(episode: Episode, step: int) -> StepContext:
+    """The step as the block writers see it (fwm.trajectories.spoilers.StepContext): visible_text() is what the
+    agent had seen (the question, earlier actions and observations), future_text("observation") is tau_{>t}."""
+    return StepContext(task=episode.slot.task, step=step, actions=tuple(s.action for s in episode.steps),
+                       observations=tuple(s.observation for s in episode.steps), score=episode.record.score)
 
 
 def revealed_future(episode: Episode, step: int) -> str:
     """The observations of tau_{>t} only (observation_t, observation_{t+1}, ...): what_follows with the
     agent's own actions left out (an absent action reads as '')."""
     return what_follows([None] * len(episode.steps), [s.observation for s in episode.steps], step)
-
-
-def seen_before(episode: Episode, step: int) -> str:
-    """What the agent had seen when it wrote step `step`: the question, then earlier actions and observations."""
-    parts = [episode.slot.task.question]
-    for earlier in episode.steps[:step]:
-        parts += [action_text(earlier.action), earlier.observation]
-    return "\n".join(parts)
 
 
 def offset_text(episode: Episode, step: int, offset: int) -> str:
@@ -78,7 +77,7 @@ def offset_text(episode: Episode, step: int, offset: int) -> str:
     return action_text(later.action) + "\n" + later.observation
 
 
-def block_text(episode: Episode, step: int) -> str:
+def roadmap_and_keywords(episode: Episode, step: int) -> str:
     """The roadmap ('' without one) and the keywords of a step, where recall looks for named items."""
     roadmap = parse_response(episode.steps[step].response_text).roadmap or ""
     return "\n".join([roadmap, *episode.steps[step].keywords])
@@ -118,8 +117,8 @@ def q_calibration(episodes: Sequence[Episode]) -> dict[str, dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------ grounding and foresight
 def keywords_grounded(episode: Episode, step: int) -> list[bool]:
-    """Per keyword of the step: found in tau_{>t} (step_future)."""
-    future = step_future(episode, step)
+    """Per keyword of the step: found in tau_{>t} (what_follows from the observation of a_t on)."""
+    future = step_context(episode, step).future_text(FUTURE_START)
     return [keyword_found(k, future) for k in episode.steps[step].keywords]
 
 
@@ -141,7 +140,8 @@ def keyword_grounding(episodes: Sequence[Episode]) -> dict[str, Any]:
 def gold_items(episode: Episode) -> list[tuple[str, str]] | None:
     """(name, placeholder) of each gold item of a synthetic task: the knowledge chain's entities after the
     question's subject ('[person B]', ...), the arithmetic steps' values ('[result of step 1]', ...); None
-    for a task without that metadata."""
+    for a task without that metadata. The names are spoilers.gold_chain_terms without the answers (the
+    last item); the placeholders need the metadata's ids and positions, hence this reading of it."""
     metadata = episode.slot.task.metadata if isinstance(episode.slot.task.metadata, Mapping) else {}
     hops, steps = metadata.get("hops"), metadata.get("steps")
     if isinstance(hops, list) and hops:
@@ -152,11 +152,12 @@ def gold_items(episode: Episode) -> list[tuple[str, str]] | None:
 
 
 def items_revealed(episode: Episode, step: int) -> list[tuple[str, str]] | None:
-    """The gold items that tau_{>t} newly reveals: named in the revealed future, not in seen_before."""
+    """The gold items that tau_{>t} newly reveals: named in the revealed future, not in what the agent had
+    seen before the step (StepContext.visible_text)."""
     items = gold_items(episode)
     if items is None:
         return None
-    future, before = revealed_future(episode, step), seen_before(episode, step)
+    future, before = revealed_future(episode, step), step_context(episode, step).visible_text()
     return [item for item in items if keyword_found(item[0], future) and not keyword_found(item[0], before)]
 
 
@@ -165,7 +166,7 @@ def items_named(episode: Episode, step: int) -> list[bool] | None:
     revealed = items_revealed(episode, step)
     if revealed is None:
         return None
-    text = block_text(episode, step)
+    text = roadmap_and_keywords(episode, step)
     return [keyword_found(name, text) or keyword_found(placeholder, text) for name, placeholder in revealed]
 
 
@@ -197,12 +198,18 @@ def keyword_hits_by_offset(episodes: Sequence[Episode]) -> dict[int, list[bool]]
 
 
 def planning_horizon(episodes: Sequence[Episode]) -> dict[str, Any]:
-    """{"horizon": the largest offset h with rate(h) >= 1/2 (None if none), "by_offset": [{"offset", "pairs",
-    "rate"}]} (module docstring)."""
+    """{"horizon": the largest offset h with rate(h') >= 1/2 for every h' = 0..h (None when rate(0) < 1/2),
+    "largest_offset_at_half": the largest h with rate(h) >= 1/2 alone (None if none), "by_offset":
+    [{"offset", "pairs", "rate"}]} (module docstring)."""
     rows = [{"offset": h, "pairs": len(found), "rate": float(np.mean(found))}
             for h, found in keyword_hits_by_offset(episodes).items()]
+    horizon = None
+    for expected, row in enumerate(rows):
+        if row["offset"] != expected or row["rate"] < HALF:
+            break
+        horizon = expected
     reached = [row["offset"] for row in rows if row["rate"] >= HALF]
-    return {"horizon": max(reached) if reached else None, "by_offset": rows}
+    return {"horizon": horizon, "largest_offset_at_half": max(reached) if reached else None, "by_offset": rows}
 
 
 # ---------------------------------------------------------------------------------------- q at test time
