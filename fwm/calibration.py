@@ -1,4 +1,5 @@
-"""How well a confidence q predicts a binary outcome: the Brier score and the AUROC.
+"""How well a confidence q predicts a binary outcome: the Brier score, the AUROC and the expected
+calibration error (with the reliability bins it is computed from).
 
 Pure numpy functions of (confidences, outcomes), with no dependency on any stage, so that `fwm data`
 (Monte Carlo labels against recorded episodes), FC-RL (R_calib is 1 - a Brier term) and evaluation
@@ -55,3 +56,31 @@ def auroc(confidences_N: Sequence[float], outcomes_N: Sequence[float]) -> float 
     mid_N = first_N + (counts_N + 1) / 2.0
     ranks_N[order_N] = np.repeat(mid_N, counts_N)
     return float((ranks_N[y_N == 1].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+ECE_BINS = 10  # equal-width bins over [0, 1]: [0, 0.1), [0.1, 0.2), ..., [0.9, 1.0]
+
+
+def reliability_bins(confidences_N: Sequence[float], outcomes_N: Sequence[float], bins: int = ECE_BINS
+                     ) -> list[dict[str, float]]:
+    """The reliability diagram: `bins` equal-width bins over [0, 1]; bin b holds the q in
+    [b / bins, (b + 1) / bins), the last bin also q = 1 (b = min(floor(q * bins), bins - 1)).
+    One {"lo", "hi", "count", "mean_q", "accuracy"} per non-empty bin, in order of q."""
+    q_N, y_N = _checked(confidences_N, outcomes_N)
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    bin_N = np.minimum(np.floor(q_N * bins).astype(np.int64), bins - 1)
+    return [{"lo": b / bins, "hi": (b + 1) / bins, "count": int(np.sum(bin_N == b)),
+             "mean_q": float(q_N[bin_N == b].mean()), "accuracy": float(y_N[bin_N == b].mean())}
+            for b in range(bins) if np.any(bin_N == b)]
+
+
+def expected_calibration_error(confidences_N: Sequence[float], outcomes_N: Sequence[float],
+                               bins: int = ECE_BINS) -> float:
+    """ECE = sum over the bins b of `reliability_bins` of (n_b / N) * |mean q in b - share of y = 1 in b|.
+
+    0 is perfect calibration (per bin); a constant q = p against a success rate s gives |p - s|.
+    """
+    rows = reliability_bins(confidences_N, outcomes_N, bins)
+    total = sum(row["count"] for row in rows)
+    return float(sum(row["count"] / total * abs(row["mean_q"] - row["accuracy"]) for row in rows))

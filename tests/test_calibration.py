@@ -1,7 +1,7 @@
 """fwm.calibration on hand-computed values."""
 import pytest
 
-from fwm.calibration import auroc, brier_score
+from fwm.calibration import auroc, brier_score, expected_calibration_error, reliability_bins
 
 
 def test_brier_score_by_hand():
@@ -26,3 +26,16 @@ def test_bad_input_is_named():
         auroc([0.5, 0.5], [0, 2])
     with pytest.raises(ValueError, match="shapes"):
         brier_score([0.5], [0, 1])
+
+
+def test_expected_calibration_error_by_hand():
+    # bins: [0.1, 0.15] -> bin 1 (mean q 0.125, accuracy 0); [0.85, 0.95, 1.0] -> bin 8 (0.85), bin 9 (0.95, 1.0)
+    q, y = [0.1, 0.15, 0.85, 0.95, 1.0], [0, 1, 1, 1, 0]
+    rows = reliability_bins(q, y)
+    assert [(r["lo"], r["count"]) for r in rows] == [(0.1, 2), (0.8, 1), (0.9, 2)]
+    assert rows[0]["mean_q"] == pytest.approx(0.125) and rows[0]["accuracy"] == 0.5 and rows[2]["accuracy"] == 0.5
+    # 2/5 |0.125 - 0.5| + 1/5 |0.85 - 1| + 2/5 |0.975 - 0.5| = 0.15 + 0.03 + 0.19 = 0.37
+    assert expected_calibration_error(q, y) == pytest.approx(0.37)
+    assert expected_calibration_error([0.7] * 4, [1, 1, 0, 1]) == pytest.approx(0.05)  # |0.7 - 0.75|
+    assert expected_calibration_error([0.0, 1.0], [0, 1]) == 0.0
+    assert expected_calibration_error(q, y, bins=1) == pytest.approx(abs(0.61 - 0.6))

@@ -47,14 +47,56 @@ def test_fwm_eval_end_to_end_on_a_random_model(tmp_path):
     assert greedy["turns"] == 3.0 and greedy["score"] == 0.0 and "pass@2" in sampled
     assert results["constant_answer"]["all"]["exact_match"]["value"] > 0
     assert results["greedy"]["gold_chain"]["episodes"] == 3
+    _check_world_model_keys(results)
+    assert isinstance(sampled["selected@2"], float) and 0.0 <= sampled["selected@2"] <= 1.0
     page = (out / "eval.md").read_text()
     assert "| all | 3 |" in page and "mean@2" in page and "Best constant answers" in page
+    assert "selected@2" in page and "| q (every step): ECE / Brier / AUROC |" in page and "Risk-coverage" in page
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "eval/greedy/by_source/all/score" in tags and "eval/sampled/by_source/all/selected_at_2" in tags
+    assert "eval/greedy/recovery/share" in tags and "eval/sampled/calibration/steps/missing_share" in tags
     assert page.strip() in done.stdout
     rows = [row for _, row in read_jsonl(out / "episodes_greedy.jsonl")]
     assert len(rows) == 3
     for step in (step for row in rows for step in row["steps"]):
         assert len(step["response_ids"]) == len(step["span_ids"]) == len(step["logprobs"]) <= 24
         assert step["prompt_ids"][0] == tokenizer.bos_id and len(step["prompt_ids"]) <= 512 - 24
+
+
+def _is_number_or_undefined(value):
+    """A number, or None where the definition needs data the run lacks (no q, no keywords, one outcome)."""
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _check_world_model_keys(results):
+    """The world-model keys of each run mode exist and hold numbers (None only where undefined)."""
+    for mode in ("greedy", "sampled"):
+        run = results[mode]
+        episodes = run["by_source"]["all"]["episodes"]
+        for population in ("steps", "last_step"):
+            cal = run["calibration"][population]
+            assert {"count", "missing", "missing_share", "ece", "brier", "auroc", "reliability"} <= set(cal)
+            assert isinstance(cal["count"], int) and isinstance(cal["missing"], int)
+            assert all(_is_number_or_undefined(cal[key]) for key in ("missing_share", "ece", "brier", "auroc"))
+            assert (cal["ece"] is None) == (cal["count"] == 0)
+        assert run["calibration"]["last_step"]["count"] + run["calibration"]["last_step"]["missing"] == episodes
+        assert _is_number_or_undefined(run["keyword_grounding"]["rate"])
+        assert isinstance(run["keyword_grounding"]["steps_with_keywords"], float)
+        sight = run["foresight"]
+        assert _is_number_or_undefined(sight["precision"]) and _is_number_or_undefined(sight["recall"])
+        assert sight["episodes_without_metadata"] == 0  # the synthetic world's tasks carry their gold hops
+        assert _is_number_or_undefined(run["planning_horizon"]["horizon"])
+        assert _is_number_or_undefined(run["planning_horizon"]["largest_offset_at_half"])
+        assert isinstance(run["planning_horizon"]["by_offset"], list)
+        recovery = run["recovery"]
+        assert recovery["episodes"] == episodes  # random text: every episode has a malformed step, none succeeds
+        assert recovery["rate"] == 0.0 and recovery["share"] == 1.0 and recovery["unproductive_steps"] > 0
+        curve = run["risk_coverage"]
+        assert [row["threshold"] for row in curve] == [i / 10 for i in range(11)]
+        assert all(0.0 <= row["coverage"] <= 1.0 and _is_number_or_undefined(row["accuracy"]) for row in curve)
 
 
 def test_fwm_eval_config_errors_name_the_key(tmp_path):

@@ -114,9 +114,10 @@ def test_by_hops_repeated_searches_and_top_answer_share():
     assert metrics.top_answer_share([_episode(_task(3, ["x"]), [search("q")])]) == 0.0
 
 
-def test_metrics_of_scripted_oracle_and_noisy_runs(tmp_path):
-    """Through the real runner: the oracle follows the gold chain at every step and always succeeds; the
-    chain metric agrees with the behaviour policies' own notion of progress on noisy episodes."""
+@pytest.fixture(scope="module")
+def scripted_runs(tmp_path_factory):
+    """A small knowledge world and its BM25 index; one oracle episode and three noisy ones per test question,
+    through the real runner (plain responses)."""
     from fwm import schema
     from fwm.envs.retrievers import BM25Retriever
     from fwm.envs.synthetic.knowledge import KnowledgeWorldConfig, generate_knowledge_world
@@ -124,8 +125,9 @@ def test_metrics_of_scripted_oracle_and_noisy_runs(tmp_path):
     from fwm.rollout.episodes import PromptOptions, ScriptedPolicy, episode_slots, run_episodes
     from fwm.tokenizer import train_sentencepiece
     from fwm.trajectories.collect import EnvSpec
-    from fwm.trajectories.policies import KnowledgeMoves, make_policy, progress
+    from fwm.trajectories.policies import KnowledgeMoves, make_policy
 
+    tmp_path = tmp_path_factory.mktemp("world")
     world = generate_knowledge_world(KnowledgeWorldConfig(num_train_questions=4, num_test_questions=10), seed=1)
     BM25Retriever.build(world.corpus(), str(tmp_path / "bm25"))
     tokenizer = train_sentencepiece([d.contents for d in world.documents], str(tmp_path / "tok.model"), 400)
@@ -137,6 +139,16 @@ def test_metrics_of_scripted_oracle_and_noisy_runs(tmp_path):
                                                                                      tokenizer), pool, tokenizer, options)
         noisy = run_episodes(episode_slots(world.test_tasks, 3, 0), ScriptedPolicy(
             make_policy("noisy", moves, p_error=0.5, p_recover=0.5), tokenizer), pool, tokenizer, options)
+    return world, moves, oracle, noisy
+
+
+def test_metrics_of_scripted_oracle_and_noisy_runs(scripted_runs):
+    """Through the real runner: the oracle follows the gold chain at every step and always succeeds; the
+    chain metric agrees with the behaviour policies' own notion of progress on noisy episodes."""
+    from fwm.trajectories.policies import progress
+
+    world, moves, oracle, noisy = scripted_runs
+
     s = metrics.summarize(oracle)
     assert s["success"] == 1.0 and s["exact_match"] == 1.0 and s["format_adherence"] == 1.0
     assert s["turns"] == pytest.approx(s["tool_calls"] + 1) and s["repeated_searches"] == 0.0
@@ -150,3 +162,52 @@ def test_metrics_of_scripted_oracle_and_noisy_runs(tmp_path):
                                    > progress(moves, episode.slot.task, history[:t])[0])
     assert 0.0 < metrics.gold_chain_following(noisy)["overall"] < 1.0
     assert 0.0 < metrics.mean_and_pass_at_k(noisy, 3)["mean@3"] < metrics.mean_and_pass_at_k(noisy, 3)["pass@3"]
+
+
+def test_recovery_and_world_model_metrics_of_rule_written_blocks(scripted_runs):
+    """The oracle has no unproductive step; every noisy episode with an off-chain search is counted. Blocks
+    written after the fact by the rule writer (fwm.trajectories.blocks) keep only keywords found in what
+    follows, by the same definition: their grounding rate is exactly 1. With q = the episode's outcome the
+    calibration is perfect and best-of-k by q equals pass@k."""
+    import dataclasses
+
+    from fwm import schema
+    from fwm.eval import foresight
+    from fwm.trajectories.blocks import RuleBlockWriter
+    from fwm.trajectories.policies import off_gold_steps
+    from fwm.trajectories.spoilers import spoiler_terms
+
+    world, moves, oracle, noisy = scripted_runs
+    assert metrics.recovery(oracle) == {"rate": None, "episodes": 0, "share": 0.0, "success_without": 1.0,
+                                        "unproductive_steps": 0.0}
+    for episode in noisy:
+        actions = [step.action for step in episode.steps]
+        off_chain = [off and a is not None and a.kind == "search"
+                     for off, a in zip(off_gold_steps(moves, episode.slot.task, actions), actions)]
+        assert all(u for u, off in zip(metrics.unproductive_steps(episode), off_chain) if off)
+    recovery = metrics.recovery(noisy)
+    assert 0.0 < recovery["rate"] < 1.0 and recovery["episodes"] < len(noisy)
+
+    names = [entity.name for entity in world.entities]
+    writer = RuleBlockWriter(entity_types={entity.name: entity.type for entity in world.entities})
+
+    def with_blocks(episode):
+        steps = []
+        for t, step in enumerate(episode.steps):
+            context = foresight.step_context(episode, t)
+            block = writer(context, 100 * episode.success, spoiler_terms(context, names))
+            steps.append(dataclasses.replace(step, q=block.confidence / 100, keywords=list(block.keywords),
+                                             response_text=schema.render_world_model(block, True) + step.response_text))
+        return dataclasses.replace(episode, steps=steps)
+
+    blocked = [with_blocks(e) for e in noisy]
+    grounding, sight = foresight.keyword_grounding(blocked), foresight.foresight(blocked)
+    assert grounding["rate"] == 1.0 and grounding["keywords"] > 100
+    assert 0.5 < sight["precision"] <= 1.0 and 0.5 < sight["recall"] <= 1.0 and sight["revealed_items"] > 50
+    assert foresight.planning_horizon(blocked)["horizon"] >= 1
+    calibration = foresight.q_calibration(blocked)
+    assert calibration["steps"]["ece"] == 0.0 and calibration["steps"]["auroc"] == 1.0
+    assert calibration["last_step"]["brier"] == 0.0 and calibration["steps"]["missing"] == 0
+    assert foresight.selected_at_k(blocked) == metrics.mean_and_pass_at_k(blocked, 3)["pass@3"]
+    curve = foresight.risk_coverage(blocked)
+    assert curve[0]["coverage"] == 1.0 and curve[-1]["accuracy"] == 1.0

@@ -75,3 +75,14 @@ def test_tokenizer_is_found_beside_the_training_checkpoints(tmp_path):
     (tmp_path / "params").mkdir()
     with pytest.raises(FileNotFoundError, match="--config.tokenizer"):
         run.resolve_tokenizer("", str(tmp_path / "params"), {})
+
+
+def test_tensorboard_scalars_are_the_numbers_of_each_mode():
+    results = {"num_tasks": 3, "greedy": {"by_source": {"all": {"score": 0.5, "episodes": 2, "mean@4": 0.25}},
+                                          "calibration": {"steps": {"ece": 0.1, "auroc": None, "reliability": [{}]}},
+                                          "recovery": {"rate": None, "episodes": 0}, "risk_coverage": [{}],
+                                          "flag": True, "k": 4}}
+    assert run.tensorboard_scalars(results) == {
+        "eval/greedy/by_source/all/score": 0.5, "eval/greedy/by_source/all/episodes": 2.0,
+        "eval/greedy/by_source/all/mean_at_4": 0.25, "eval/greedy/calibration/steps/ece": 0.1,
+        "eval/greedy/recovery/episodes": 0.0, "eval/greedy/k": 4.0}

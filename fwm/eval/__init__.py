@@ -1,1 +1,2 @@
-"""Evaluation of a checkpoint: metrics of episodes (metrics.py), the run (run.py), the markdown report (report.py)."""
+"""Evaluation of a checkpoint: metrics of episodes (metrics.py), the world-model block and q against what
+happened (foresight.py), the run (run.py), the markdown report (report.py)."""

@@ -9,12 +9,16 @@
 - `gold_chain_following`: for tasks with gold hops (the synthetic knowledge world), per step index, how
   often the step is the gold chain's next action: first the question's subject, then each next hop's
   subject, then the gold answer (SQuAD-normalised comparison).
-Calibration (q_t), planning horizon and recovery are left to a later module; q_t is in the episode records.
+- `recovery`: of the episodes with an unproductive step (`unproductive_steps`, `has_unproductive_step`), the
+  share that still succeed.
+The world-model block's metrics (calibration of q, grounding, foresight, planning horizon, best-of-k by q,
+risk-coverage) are in fwm.eval.foresight.
 """
 from __future__ import annotations
 
 import collections
 import math
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -22,6 +26,8 @@ import numpy as np
 from fwm.envs.base import Task
 from fwm.envs.scoring import exact_match, f1, normalize_answer
 from fwm.rollout.episodes import Episode
+
+_PASSAGE_RE = re.compile(r"^Doc \d+\((.*)$")  # fwm.envs.retrievers.format_docs: `Doc i(Title: t) text`
 
 TOOL_KINDS = ("search", "python")
 ScoreFn = Callable[[str, Sequence[str]], float]
@@ -221,3 +227,52 @@ def gold_chain_following(episodes: Sequence[Episode]) -> dict[str, Any]:
             "overall": float(np.mean(everything)) if everything else 0.0,
             "by_step": [{"step": t + 1, "episodes": len(per_step[t]), "followed": float(np.mean(per_step[t]))}
                         for t in sorted(per_step)]}
+
+
+def passages(observation: str) -> set[str]:
+    """The retrieved passages of a search observation (format_docs lines without their rank 'Doc i'); empty
+    for anything else (no results, a failed search, the empty-query notice)."""
+    return {found.group(1).strip() for found in map(_PASSAGE_RE.match, observation.splitlines()) if found}
+
+
+def unproductive_steps(episode: Episode) -> list[bool]:
+    """Per step, whether it is unproductive: a malformed step (no action); a search that brought nothing new
+    (no passage that an earlier observation of the episode had not shown already: a repeated search, no
+    results, a failed search, an empty query); for tasks with gold hops, a search off the gold chain (not the
+    chain's next subject, `chain_steps_followed`). Answers and python steps count only when malformed."""
+    followed = chain_steps_followed(episode)
+    seen: set[str] = set()
+    out = []
+    for t, step in enumerate(episode.steps):
+        found = passages(step.observation)
+        if step.action is None:
+            bad = True
+        elif step.action.kind == "search":
+            bad = not (found - seen) or (followed is not None and not followed[t])
+        else:
+            bad = False
+        seen |= found
+        out.append(bad)
+    return out
+
+
+def has_unproductive_step(episode: Episode) -> bool:
+    """An unproductive step (`unproductive_steps`), or one the env's record counts: a malformed response, an
+    invalid action, a failed search or a tool error (a python run that failed)."""
+    r = episode.record
+    return any(unproductive_steps(episode)) or (r.num_malformed + r.num_invalid_actions + r.num_failed_searches
+                                                + r.num_tool_errors) > 0
+
+
+def recovery(episodes: Sequence[Episode]) -> dict[str, Any]:
+    """{"rate": recovery rate = successes / episodes with an unproductive step (None without any),
+    "episodes": how many have one, "share": their share of all episodes, "success_without": success of the
+    others (None without any), "unproductive_steps": share of all steps that are unproductive}."""
+    flagged = [has_unproductive_step(e) for e in episodes]
+    hit = [e.success for e, bad in zip(episodes, flagged) if bad]
+    clean = [e.success for e, bad in zip(episodes, flagged) if not bad]
+    steps = [bad for e in episodes for bad in unproductive_steps(e)]
+    return {"rate": float(np.mean(hit)) if hit else None, "episodes": len(hit),
+            "share": len(hit) / len(episodes) if episodes else None,
+            "success_without": float(np.mean(clean)) if clean else None,
+            "unproductive_steps": float(np.mean(steps)) if steps else None}

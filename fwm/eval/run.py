@@ -7,8 +7,11 @@ Real benchmarks: tasks_file in a fwm.envs.readers format (tasks_format search_r1
 search, env.retriever_url (a Search-R1 `POST /retrieve` server).
 
 Writes into config.workdir: eval.json (every number, the config and what was evaluated), eval.md (the
-tables, fwm.eval.report), episodes_greedy.jsonl / episodes_sampled.jsonl (every step: prompt and
-response ids, span ids, log-probs, q_t, keywords, action, observation; for calibration and RL analyses).
+tables, fwm.eval.report), tb/ (the numbers as TensorBoard scalars at the checkpoint's training step),
+episodes_greedy.jsonl / episodes_sampled.jsonl (every step: prompt and response ids, span ids, log-probs,
+q_t, keywords, action, observation; for calibration and RL analyses).
+Beside the scores: calibration of q, keyword grounding, foresight precision/recall, planning horizon
+(fwm.eval.foresight), recovery rate (fwm.eval.metrics), selected@k and a risk-coverage curve.
 
 Prompts are built as the SFT corpora build them (schema.render_prompt, BOS first) and must leave
 sampling.max_new_tokens of the model's max_seq_len free: a longer prompt loses its oldest history
@@ -29,7 +32,7 @@ from fwm.envs.base import Task, read_tasks
 from fwm.envs.jsonl import write_json, write_jsonl
 from fwm.envs.retrievers import HTTPRetriever, Retriever
 from fwm.envs.scoring import QA_METRICS, exact_match, f1
-from fwm.eval import metrics, report
+from fwm.eval import foresight, metrics, report
 from fwm.eval.config import validate_eval_config
 from fwm.files import atomic_open
 from fwm.mesh import make_mesh
@@ -132,13 +135,48 @@ def _results_of(episodes: Sequence[Episode], k: int | None) -> dict[str, Any]:
     if k is None:
         summary = metrics.summarize
     else:
-        summary = lambda group: {**metrics.summarize(group), **metrics.mean_and_pass_at_k(group, k)}  # noqa: E731
-    out = {"by_source": metrics.by_data_source(episodes, summary), "gold_chain": metrics.gold_chain_following(episodes)}
+        summary = lambda group: {**metrics.summarize(group), **metrics.mean_and_pass_at_k(group, k),  # noqa: E731
+                                 f"selected@{k}": foresight.selected_at_k(group)}
+    out = {"by_source": metrics.by_data_source(episodes, summary), "gold_chain": metrics.gold_chain_following(episodes),
+           "calibration": foresight.q_calibration(episodes), "keyword_grounding": foresight.keyword_grounding(episodes),
+           "foresight": foresight.foresight(episodes), "planning_horizon": foresight.planning_horizon(episodes),
+           "recovery": metrics.recovery(episodes), "risk_coverage": foresight.risk_coverage(episodes)}
     if any(metrics.num_hops(e.slot.task) is not None for e in episodes):
         out["by_hops"] = metrics.by_hops(episodes, summary)
     if k is not None:
         out["k"] = k
     return out
+
+
+def tensorboard_scalars(results: Mapping[str, Any]) -> dict[str, float]:
+    """Every number of the greedy and sampled results as TensorBoard tags 'eval/MODE/a/b' (nested dict keys
+    joined by '/', '@' spelled '_at_'); lists (reliability bins, rates by offset, risk-coverage) and None
+    values are left to eval.json."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for key, inner in value.items():
+                walk(f"{prefix}/{str(key).replace('@', '_at_').replace(' ', '_')}", inner)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[prefix] = float(value)
+
+    for mode in ("greedy", "sampled"):
+        if mode in results:
+            walk(f"eval/{mode}", results[mode])
+    return out
+
+
+def write_tensorboard(logdir: str, scalars: Mapping[str, float], step: int) -> None:
+    """The scalars as TensorBoard events in logdir (tensorboardX: no TensorFlow needed), at `step`."""
+    from tensorboardX import SummaryWriter  # lazy: only `fwm eval` pays for it
+
+    writer = SummaryWriter(logdir)
+    try:
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, step)
+    finally:
+        writer.close()
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -193,6 +231,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             write_jsonl(os.path.join(config.workdir, "episodes_sampled.jsonl"), (e.to_dict() for e in episodes))
             results["sampled"] = _results_of(episodes, s.k)
     write_json(os.path.join(config.workdir, "eval.json"), results)
+    write_tensorboard(os.path.join(config.workdir, "tb"), tensorboard_scalars(results), int(meta.get("step", 0)))
     page = report.markdown(results)
     with atomic_open(os.path.join(config.workdir, "eval.md"), "w") as f:
         f.write(page)

@@ -135,6 +135,16 @@ def arithmetic_established(task: Task, past: Sequence[tuple[Action | None, str]]
     return established
 
 
+def knowledge_placeholder(entity_id: str, position: int) -> str:
+    """How a block names chain entity `position` (0: the question's subject) before it is seen: '[person B]'."""
+    return f"[{entity_type(entity_id)} {_LETTERS[position]}]"
+
+
+def arithmetic_placeholder(step: int) -> str:
+    """How a block names the value of arithmetic step `step` (1-based) before it is computed."""
+    return f"[result of step {step}]"
+
+
 def _relation_words(relation: str) -> str:
     """'mentored_by' -> 'mentored by' (the words the world's documents use for the relation)."""
     return relation.replace("_", " ")
@@ -218,7 +228,7 @@ class RuleBlockWriter:
         visible = context.visible_text()
 
         def shown(j: int) -> str:
-            return names[j] if j <= known else f"[{entity_type(ids[j])} {_LETTERS[j]}]"
+            return names[j] if j <= known else knowledge_placeholder(ids[j], j)
 
         def phrase(j: int) -> str:  # the noun phrase for entity j + 1, given entity j as shown
             return RELATION_BY_NAME[hops[j]["relation"]].phrase.format(s=shown(j))
@@ -273,7 +283,7 @@ class RuleBlockWriter:
         visible = context.visible_text()
 
         def shown(j: int) -> str:  # value j: the start (0) or the result of step j
-            return str(values[j]) if j <= known else f"[result of step {j}]"
+            return str(values[j]) if j <= known else arithmetic_placeholder(j)
 
         def number_as_seen(text: str) -> str:  # a number in an action as the agent can write it at step t
             for j, value in reversed(list(enumerate(values))):  # a repeated value reads as its latest step
