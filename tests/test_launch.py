@@ -297,3 +297,67 @@ def test_run_on_fake_worker(env, tmp_path):
     assert (home / "gcloud_args").read_text().split() == ["storage", "cp", "-", "gs://b/s/DONE"]
     log = (home / "fwm" / "logs" / "run.log").read_text()
     assert log.count("=== fwm job start") == 1 and "=== fwm sweep row r2 start" in log
+
+
+FAKE_GCLOUD = textwrap.dedent("""\
+    #!/bin/bash
+    # describe answers the lines of $FAKE/states in turn (MISSING: gcloud's NOT_FOUND error), then
+    # READY and the run counts as done; storage ls succeeds once it is done.
+    echo "$*" >> "$FAKE/calls"
+    case "$*" in
+      "compute tpus tpu-vm describe "*)
+        n=$(( $(cat "$FAKE/n" 2>/dev/null || echo 0) + 1 )); echo "$n" > "$FAKE/n"
+        state=$(sed -n "${n}p" "$FAKE/states")
+        if [ -z "$state" ]; then touch "$FAKE/done"; echo READY
+        elif [ "$state" = MISSING ]; then echo "ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: x" >&2; exit 1
+        else echo "$state"; fi ;;
+      "storage ls "*) [ -f "$FAKE/done" ] ;;
+      *) exit 0 ;;
+    esac
+    """)
+
+
+def babysit_with_fake_gcloud(env, tmp_path, states, *flags):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "states").write_text("".join(s + "\n" for s in states))
+    gcloud = tmp_path / "fake_bin" / "gcloud"
+    gcloud.parent.mkdir()
+    gcloud.write_text(FAKE_GCLOUD)
+    gcloud.chmod(0o755)
+    env = dict(env, FAKE=str(fake), TMPDIR=str(tmp_path), PATH=f"{gcloud.parent}{os.pathsep}{env['PATH']}")
+    proc = sh(env, "babysit", *TPU, "--config", "experiments/tiny.py", "--workdir", "gs://b/w",
+              "--done-path", "gs://b/w/DONE", "--poll-seconds", "0", *flags, check=False)
+    calls = (fake / "calls").read_text().splitlines()
+    # "storage ls" or the tpu-vm verb; every tpu-vm call is about fwm-v4.
+    steps = [c.split()[3] if c.startswith("compute tpus tpu-vm ") else " ".join(c.split()[:2]) for c in calls]
+    assert all(re.search(r"(^| )fwm-v4(:| |$)", c) for c in calls if c.startswith("compute"))
+    return proc, steps, calls
+
+
+def test_babysit_recovers_until_done(env, tmp_path):
+    head_commit()
+    proc, steps, calls = babysit_with_fake_gcloud(env, tmp_path, ["READY", "PREEMPTED", "MISSING", "CREATING"],
+                                                  "--delete-when-done")
+    assert proc.returncode == 0, proc.stderr
+    recreate = ["delete", "create", "scp", "ssh", "ssh"]
+    poll = ["storage ls", "describe"]
+    assert steps == [
+        *poll,                     # READY: nothing to do
+        *poll, *recreate,          # PREEMPTED: delete, create, setup (scp + ssh), run (ssh)
+        *poll, *recreate[1:],      # MISSING: no delete
+        *poll,                     # CREATING: wait
+        *poll,                     # READY (and now done)
+        "storage ls", "delete",    # done: --delete-when-done
+    ]
+    assert "recovery 2/10" in proc.stderr and "the run is complete" in proc.stderr
+    assert (tmp_path / f"fwm-code-{head_commit()}.tar.gz").is_file()  # one archive, reused
+    assert sum("--command=" in c and "fwm.cli" in c for c in calls) == 2
+
+
+def test_babysit_gives_up_after_max_restarts(env, tmp_path):
+    head_commit()
+    proc, steps, _ = babysit_with_fake_gcloud(env, tmp_path, ["PREEMPTED", "PREEMPTED"], "--max-restarts", "1")
+    assert proc.returncode == 1
+    assert "--max-restarts 1 is used up" in proc.stderr
+    assert steps.count("create") == 1
