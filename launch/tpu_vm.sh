@@ -437,7 +437,8 @@ stop_stale_script() {
 run_remote_command() {
   local script
   script=$(job_script "$@")
-  printf '%s' "cd fwm/code && mkdir -p ../logs && { $(stop_stale_script) ; } &&"
+  printf '%s' "{ cd fwm/code || { echo \"fwm is not set up on \$(hostname): run $PROG setup\" >&2 ; exit 1 ; } ; } &&"
+  printf '%s' " mkdir -p ../logs && { $(stop_stale_script) ; } &&"
   printf '%s' " { setsid nohup bash -c $(squote "$script") fwm-job >>../logs/run.log 2>&1 </dev/null &"
   printf '%s' " echo \$! >../logs/job.pgid ; } && echo \"fwm job started on \$(hostname), log ~/fwm/logs/run.log\""
 }

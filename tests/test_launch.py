@@ -361,3 +361,46 @@ def test_babysit_gives_up_after_max_restarts(env, tmp_path):
     assert proc.returncode == 1
     assert "--max-restarts 1 is used up" in proc.stderr
     assert steps.count("create") == 1
+
+
+def test_setup_on_fake_worker(env, tmp_path):
+    """The printed setup commands, executed: the archive unpacks into ~/fwm/code (replacing an old
+    tree, keeping the venv), uv makes the venv once, pip installs with the jax[tpu] pin."""
+    head_commit()
+    archive, _, ssh = dry_run(env, "setup", *TPU)
+    home = tmp_path / "home"
+    (home / "fwm" / "code").mkdir(parents=True)
+    (home / "fwm" / "code" / "stale.py").write_text("")
+    archive[archive.index(next(a for a in archive if a.startswith("--output=")))] = \
+        f"--output={home / 'fwm-code.tar.gz'}"
+    subprocess.run(archive, check=True, timeout=60)  # the scp, done locally
+    worker_bin = tmp_path / "worker_bin"
+    worker_bin.mkdir()
+    calls = tmp_path / "calls"
+    python = textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "python $PWD $*" >> {calls}
+        """)
+    uv = textwrap.dedent(f"""\
+        #!/bin/sh
+        echo "uv $*" >> {calls}
+        mkdir -p venv/bin && printf '%s' {shlex.quote(python)} > venv/bin/python && chmod +x venv/bin/python
+        """)
+    (worker_bin / "uv").write_text(uv)
+    (worker_bin / "uv").chmod(0o755)
+    worker_env = dict(env, HOME=str(home), PATH=f"{worker_bin}{os.pathsep}{env['PATH']}")
+    for _ in range(2):  # a second setup reuses the venv
+        proc = subprocess.run(["bash", "-c", remote_command(ssh)], cwd=home, env=worker_env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    code = home / "fwm" / "code"
+    assert not (code / "stale.py").exists() and (code / "launch" / "tpu_vm.sh").is_file()
+    assert (code / "requirements.txt").read_text() == (REPO / "requirements.txt").read_text()
+    lines = calls.read_text().splitlines()
+    assert lines[0] == "uv venv --seed --python 3.11 venv"
+    assert lines[1:4] == [
+        f"python {code} -m pip install --quiet -r requirements.txt jax[tpu]=={jax_pin()}",
+        f"python {code} -m pip install --quiet -e .",
+        f"python {code} -c import fwm, jax; print(\"fwm ready, jax\", jax.__version__)",
+    ]
+    assert lines[4:] == lines[1:4]
