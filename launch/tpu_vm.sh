@@ -158,12 +158,14 @@ Blank lines and lines starting with # are skipped. Row names: letters, digits, '
   (default)                 sequential on the one TPU NAME: a single job runs the rows one after
                             another and stops at the first failing row; rerunning the sweep resumes
                             each row from its checkpoint (finished rows end at once)
-  --tpu-per-row             row ROW runs on its own TPU NAME-ROW (lower case), all at once
-  --create                  with --tpu-per-row: create and set up each NAME-ROW first
+  --tpu-per-row             row ROW runs on its own TPU NAME-row (the row name lower-cased; TPU
+                            names allow only a-z, 0-9 and '-'), all rows at once
+  --create                  with --tpu-per-row: create and set up each TPU first (one after another)
   --rows-file FILE          rows as above
 $(run_flags_help)
-  ({row} in --fwm-arg and --done-path is replaced by the row name; with --tpu-per-row, --mark-done
-  writes each row's --done-path, sequentially one marker after the last row)
+  {row} in --fwm-arg is replaced by the row name. A sequential sweep has one --done-path, written
+  (with --mark-done) after the last row; with --tpu-per-row each row writes its own, so --done-path
+  must contain {row}, e.g. gs://BUCKET/DIR/{row}/DONE.
 EOF
 }
 
@@ -199,7 +201,8 @@ when babysit starts) and rerun the same job (run's flags; with rows, the sequent
 resumes from the latest checkpoint in the workdir. A failed create/setup/run is retried on the
 next poll. Each recovery attempt counts against --max-restarts; past it, babysit exits 1.
 Start it after "run" (or "sweep"), e.g. under nohup or tmux on a machine that stays up. It does
-not notice a job that crashed on a healthy TPU (see "status").
+not notice a job that crashed on a healthy TPU (see "status"). For sweep --tpu-per-row, babysit
+each TPU NAME-row with --workdir DIR/ROW and that row's --done-path.
   --done-path gs://...      the completion marker (required), e.g. the pipeline's, or DIR/DONE with --mark-done
   --max-restarts N          [FWM_MAX_RESTARTS, default 10]
   --poll-seconds S          [FWM_POLL_SECONDS, default 120]
