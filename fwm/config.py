@@ -23,6 +23,11 @@ from fwm.configlib import ConfigError, require as _require
 from fwm.data.features import DEFAULT_TRAINED_ROLES
 from fwm.data.records import ON_BAD_RECORD, ROLES
 from fwm.model.transformer import ModelConfig
+from fwm.rl.advantages import ESTIMATORS
+from fwm.rl.losses import AGGREGATIONS
+from fwm.rl.rewards import OUTCOME_METRICS
+from fwm.schema import VARIANTS
+from fwm.trajectories.future import FUTURE_STARTS
 
 # stage name -> "module:function" taking (config) and running the stage in config.train.workdir.
 STAGES: dict[str, str] = {
@@ -102,6 +107,30 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.workdir = ""                       # set by --workdir
     c.train.async_checkpoint = True
     c.train.peak_flops_per_device = 0.0        # MFU denominator; 0: the table in fwm/train/metrics.py
+
+    # FC-RL (fwm/rl/). Rollouts: rollout_batch episodes = rollout_batch / group_size tasks x group_size.
+    # In RL, train.steps counts optimiser updates (one per mini-batch) and optim.* is the optimiser.
+    c.rl = ml_collections.ConfigDict()
+    c.rl.variant = "full"                      # response variant the policy writes (schema.VARIANTS)
+    c.rl.group_size = 5                        # G episodes per task (Search-R1: 5)
+    c.rl.rollout_batch = 40                    # episodes per rollout (a multiple of group_size)
+    c.rl.max_turns = 4                         # steps per episode before the turn budget ends it (score 0)
+    c.rl.max_new_tokens = 256                  # sampled tokens per step response
+    c.rl.temperature = 1.0
+    c.rl.mini_batches = 1                      # optimiser updates per rollout batch (step samples split evenly)
+    c.rl.outcome_metric = "score"              # score (the env's) | exact_match | f1 | substring_match
+    c.rl.correct_threshold = 1.0               # I = 1 (R_calib) iff the outcome reward >= this
+    c.rl.format_penalty = 0.0                  # R_E = outcome - format_penalty * (1 - format adherence)
+    c.rl.future_start = "observation"          # where tau_{>t} starts for R_ground (trajectories.future)
+    c.rl.calib_reward = True                   # R_calib in the world-model span reward
+    c.rl.ground_reward = True                  # R_ground in the world-model span reward
+    c.rl.omega = 0.2                           # policy span: A_E + omega * A_S (paper: 0.2 search, 0.1 math)
+    c.rl.advantage = "grpo"                    # grpo | dr_grpo | rloo (fwm.rl.advantages.ESTIMATORS)
+    c.rl.advantage_eps = 1e-6                  # grpo: (r - mean) / (std + eps)
+    c.rl.kl_beta = 0.001                       # k3 KL to the reference (Search-R1: 0.001; 0: no KL, no ref)
+    c.rl.clip_eps_low = 0.2                    # ratio clipped to [1 - low, 1 + high]
+    c.rl.clip_eps_high = 0.2                   # DAPO's clip-higher: 0.28
+    c.rl.loss_aggregation = "token_mean"       # token_mean | sequence_mean_token_mean (fwm.rl.losses)
     return c
 
 
@@ -154,6 +183,39 @@ def check_values(config: ml_collections.ConfigDict) -> None:
              c.train.peak_flops_per_device)
     _require(c.tokenizer.train.vocab_size > 0, "tokenizer.train.vocab_size", "a positive int",
              c.tokenizer.train.vocab_size)
+    check_rl_values(c.rl)
+
+
+def check_rl_values(rl: ml_collections.ConfigDict) -> None:
+    """The `rl` section: choices, ranges, and which rewards a response variant can earn."""
+    _require(rl.variant in VARIANTS, "rl.variant", f"one of {VARIANTS}", rl.variant)
+    _require(rl.group_size >= 2, "rl.group_size", "an int >= 2 (a group of one has no baseline)", rl.group_size)
+    _require(rl.rollout_batch >= rl.group_size and rl.rollout_batch % rl.group_size == 0, "rl.rollout_batch",
+             f"a positive multiple of rl.group_size={rl.group_size}", rl.rollout_batch)
+    for name in ("max_turns", "max_new_tokens", "mini_batches"):
+        _require(rl[name] >= 1, f"rl.{name}", "an int >= 1", rl[name])
+    _require(rl.temperature > 0, "rl.temperature", "a value > 0", rl.temperature)
+    _require(rl.outcome_metric in OUTCOME_METRICS, "rl.outcome_metric", f"one of {OUTCOME_METRICS}",
+             rl.outcome_metric)
+    _require(0 < rl.correct_threshold <= 1, "rl.correct_threshold", "a value in (0, 1]", rl.correct_threshold)
+    _require(rl.format_penalty >= 0, "rl.format_penalty", "a value >= 0", rl.format_penalty)
+    _require(rl.future_start in FUTURE_STARTS, "rl.future_start", f"one of {FUTURE_STARTS}", rl.future_start)
+    _require(rl.omega >= 0, "rl.omega", "a value >= 0", rl.omega)
+    _require(rl.advantage in ESTIMATORS, "rl.advantage", f"one of {tuple(ESTIMATORS)}", rl.advantage)
+    _require(rl.advantage_eps > 0, "rl.advantage_eps", "a value > 0", rl.advantage_eps)
+    _require(rl.kl_beta >= 0, "rl.kl_beta", "a value >= 0 (0: no KL)", rl.kl_beta)
+    _require(0 <= rl.clip_eps_low < 1, "rl.clip_eps_low", "a value in [0, 1)", rl.clip_eps_low)
+    _require(rl.clip_eps_high >= 0, "rl.clip_eps_high", "a value >= 0", rl.clip_eps_high)
+    _require(rl.loss_aggregation in AGGREGATIONS, "rl.loss_aggregation", f"one of {AGGREGATIONS}",
+             rl.loss_aggregation)
+    # What the variant's responses hold: plain has no keywords or confidence, state no confidence.
+    if rl.variant != "full":
+        for name in ("calib_reward", "omega"):
+            _require(not rl[name], f"rl.{name}", f"off (0/False): the {rl.variant!r} variant states no confidence",
+                     rl[name])
+    if rl.variant == "plain":
+        _require(not rl.ground_reward, "rl.ground_reward", "False: the 'plain' variant writes no keywords",
+                 rl.ground_reward)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
