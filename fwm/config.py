@@ -23,9 +23,6 @@ from fwm.configlib import ConfigError, require as _require
 from fwm.data.features import DEFAULT_TRAINED_ROLES
 from fwm.data.records import ON_BAD_RECORD, ROLES
 from fwm.model.transformer import ModelConfig
-from fwm.rl.advantages import ESTIMATORS
-from fwm.rl.losses import AGGREGATIONS
-from fwm.rl.rewards import OUTCOME_METRICS
 from fwm.schema import VARIANTS
 from fwm.trajectories.future import FUTURE_STARTS
 
@@ -188,6 +185,12 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
 def check_rl_values(rl: ml_collections.ConfigDict) -> None:
     """The `rl` section: choices, ranges, and which rewards a response variant can earn."""
+    # Imported here, not at the top: the choices live with the RL code (one definition), and the
+    # supervised modules, which import this one, must not import the RL ones.
+    from fwm.rl.advantages import ESTIMATORS
+    from fwm.rl.losses import AGGREGATIONS
+    from fwm.rl.rewards import OUTCOME_METRICS
+
     _require(rl.variant in VARIANTS, "rl.variant", f"one of {VARIANTS}", rl.variant)
     _require(rl.group_size >= 2, "rl.group_size", "an int >= 2 (a group of one has no baseline)", rl.group_size)
     _require(rl.rollout_batch >= rl.group_size and rl.rollout_batch % rl.group_size == 0, "rl.rollout_batch",

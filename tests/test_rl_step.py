@@ -1,4 +1,8 @@
 """FC-RL loss and rl_step: against an independent NumPy implementation, masking, sharding parity, config."""
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -297,3 +301,11 @@ def test_rl_config_rewards_must_fit_the_variant():
         config_lib.validate(config)
     config.rl.ground_reward = False
     config_lib.validate(config)  # plain GRPO
+
+
+def test_supervised_modules_do_not_import_the_rl_ones():
+    code = ("import sys, fwm.config, fwm.train.state, fwm.train.steps, fwm.train.loop, fwm.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith('fwm.rl')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert out.stdout.strip() == "[]"
