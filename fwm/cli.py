@@ -110,9 +110,39 @@ def _cmd_data(args: list[str]) -> None:
     print(pipeline.format_stats(pipeline.run(config)), flush=True)
 
 
+def _cmd_eval(args: list[str]) -> None:
+    """fwm eval --config experiments/eval.py[:runlocal] --config.checkpoint=DIR --config.data_dir=DIR --workdir OUT:
+    greedy (and k-sample) episodes of a checkpoint on held-out tasks; eval.json, eval.md, episodes_*.jsonl in OUT."""
+    usage = ("usage: fwm eval --config experiments/eval.py[:runlocal] --config.checkpoint=TRAIN_DIR "
+             "--config.data_dir=DATA_DIR [--config.a.b=v ...] --workdir DIR")
+    if args or _TRAIN_CONFIG.value is None:
+        raise app.UsageError(usage)
+    from fwm.configlib import ConfigError
+    from fwm.eval import run as eval_run
+    from fwm.eval.config import validate_eval_config
+
+    config = _TRAIN_CONFIG.value
+    if "checkpoint" not in config or "sampling" not in config:
+        sys.exit(f"fwm eval: {config_flags.get_config_filename(FLAGS['config'])} is not an eval config (it has no "
+                 f"'checkpoint' and 'sampling' keys); use one built on fwm.eval.config.default_eval_config(), such "
+                 f"as experiments/eval.py")
+    with config.unlocked():
+        config.workdir = FLAGS.workdir or config.workdir
+    try:
+        validate_eval_config(config)
+    except ConfigError as err:
+        sys.exit(f"fwm eval: {err}")
+    if not config.workdir:
+        raise app.UsageError(usage)
+    results = eval_run.run(config)
+    print(open(os.path.join(config.workdir, "eval.md"), encoding="utf-8").read(), flush=True)
+    logging.info("eval done: %d tasks; results in %s", results["num_tasks"], config.workdir)
+
+
 COMMANDS = {
     "convert": _cmd_convert,
     "data": _cmd_data,
+    "eval": _cmd_eval,
     "train": _cmd_train,
 }
 
@@ -144,6 +174,8 @@ def main() -> None:
 
         if sys.argv[1:2] == ["data"]:  # `fwm data` has its own schema (fwm.trajectories.pipeline)
             from fwm.trajectories.pipeline import check_data_override_args as check_override_args
+        elif sys.argv[1:2] == ["eval"]:  # so has `fwm eval` (fwm.eval.config)
+            from fwm.eval.config import check_eval_override_args as check_override_args
         else:
             from fwm.config import check_override_args
         try:

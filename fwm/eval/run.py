@@ -1,0 +1,175 @@
+"""`fwm eval`: a checkpoint's greedy (and k-sample) episodes on held-out tasks, with metrics, JSON and markdown.
+
+  checkpoint (+ its tokenizer) --ModelPolicy--> fwm.rollout.episodes.run_episodes on the tasks of a
+  `fwm data` workdir (corpora/eval_tasks.jsonl; env rebuilt from its world/: the BM25 index for the
+  knowledge world, the sandboxed python tool for arithmetic) --> fwm.eval.metrics --> WORKDIR/
+
+Writes into config.workdir: eval.json (every number, the config and what was evaluated), eval.md (the
+tables, fwm.eval.report), episodes_greedy.jsonl / episodes_sampled.jsonl (every step: prompt and
+response ids, span ids, log-probs, q_t, keywords, action, observation; for calibration and RL analyses).
+
+Prompts are built as the SFT corpora build them (schema.render_prompt, BOS first) and must leave
+sampling.max_new_tokens of the model's max_seq_len free: a longer prompt loses its oldest history
+first (render_prompt's budget), then tokens from its left (counted as truncated_prompts).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+from absl import logging
+
+from fwm.configlib import ConfigError
+from fwm.envs.base import Task, read_tasks
+from fwm.envs.jsonl import write_json, write_jsonl
+from fwm.envs.scoring import QA_METRICS, exact_match, f1
+from fwm.eval import metrics, report
+from fwm.eval.config import validate_eval_config
+from fwm.files import atomic_open
+from fwm.mesh import make_mesh
+from fwm.model import checkpoint as checkpoint_lib
+from fwm.rollout.envs import EnvPool
+from fwm.rollout.episodes import Episode, ModelPolicy, PromptOptions, episode_slots, run_episodes
+from fwm.tokenizer import load_tokenizer
+from fwm.trajectories.collect import EnvSpec
+
+CHECKPOINTS_SUBDIR = "checkpoints"  # a training workdir's step checkpoints (fwm/train/checkpoints.py)
+DEFAULT_TOKENIZER = "tokenizer.model"  # where `fwm train` trains one (fwm/train/inputs.py)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A training workdir means its checkpoints/ root; anything else is passed to load_params as is."""
+    nested = os.path.join(path, CHECKPOINTS_SUBDIR)
+    return nested if os.path.isdir(nested) else path
+
+
+def training_workdir(path: str) -> str:
+    """The directory above `path` (or `path` itself) that holds checkpoints/; else `path`."""
+    here = os.path.abspath(path)
+    while True:
+        if os.path.isdir(os.path.join(here, CHECKPOINTS_SUBDIR)):
+            return here
+        parent = os.path.dirname(here)
+        if parent == here:
+            return os.path.abspath(path)
+        here = parent
+
+
+def resolve_tokenizer(configured: str, checkpoint_path: str, meta: Mapping[str, Any]) -> str:
+    """configured, else the meta's tokenizer (as saved, or by name in the training workdir), else
+    TRAINING_WORKDIR/tokenizer.model. FileNotFoundError naming what was tried."""
+    if configured:
+        return configured
+    workdir = training_workdir(checkpoint_path)
+    saved = str(meta.get("tokenizer") or "")
+    tried = [t for t in (saved, os.path.join(workdir, os.path.basename(saved)) if saved else "",
+                         os.path.join(workdir, DEFAULT_TOKENIZER)) if t]
+    for candidate in tried:
+        if os.path.exists(candidate):
+            return candidate
+    raise FileNotFoundError(f"no tokenizer for {checkpoint_path}: tried {tried}; set --config.tokenizer=PATH")
+
+
+def env_spec(config: ml_collections.ConfigDict) -> EnvSpec:
+    """The env of the data workdir's world: search over world/bm25 if it exists, else the python tool."""
+    e = config.env
+    index_dir = os.path.join(config.data_dir, "world", "bm25")
+    if os.path.isdir(index_dir):
+        return EnvSpec("search", max_turns=e.max_turns, index_dir=index_dir, topk=e.topk, metric=e.metric)
+    if not os.path.isdir(os.path.join(config.data_dir, "world")):
+        raise ConfigError(f"config key 'data_dir': {config.data_dir!r} has no world/ directory; expected a "
+                          f"`fwm data` workdir")
+    return EnvSpec("python", max_turns=e.max_turns, timeout_s=e.timeout_s, memory_mb=e.memory_mb,
+                   isolation=e.isolation)
+
+
+def load_tasks(config: ml_collections.ConfigDict) -> tuple[str, list[Task]]:
+    path = config.tasks_file or os.path.join(config.data_dir, "corpora", "eval_tasks.jsonl")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config key 'tasks_file': no task file at {path}")
+    tasks = read_tasks(path)
+    return path, tasks[:config.max_tasks] if config.max_tasks else tasks
+
+
+def constant_answers(tasks: Sequence[Task], score_metric: str) -> dict[str, dict[str, Any]]:
+    """Best constant answers per data source, over all tasks, and their mean over sources ('average')."""
+    score_fn = QA_METRICS.get(score_metric, exact_match)
+    functions = {"score": score_fn, "exact_match": exact_match, "f1": f1}
+    groups: dict[str, list[Task]] = {}
+    for task in tasks:
+        groups.setdefault(task.data_source or "default", []).append(task)
+    out = {source: metrics.constant_baselines(group, functions) for source, group in sorted(groups.items())}
+    per_source = list(out.values())
+    out[metrics.ALL] = metrics.constant_baselines(tasks, functions)
+    out[metrics.AVERAGE] = {name: {"answer": None, "value": sum(s[name]["value"] for s in per_source) / len(per_source)}
+                            for name in functions} if per_source else {}
+    return out
+
+
+def _results_of(episodes: Sequence[Episode], k: int | None) -> dict[str, Any]:
+    if k is None:
+        summary = metrics.summarize
+    else:
+        summary = lambda group: {**metrics.summarize(group), **metrics.mean_and_pass_at_k(group, k)}  # noqa: E731
+    out = {"by_source": metrics.by_data_source(episodes, summary), "gold_chain": metrics.gold_chain_following(episodes)}
+    if k is not None:
+        out["k"] = k
+    return out
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Evaluates config.checkpoint into config.workdir; returns the results (also in eval.json)."""
+    validate_eval_config(config)
+    if not config.workdir:
+        raise ConfigError("config key 'workdir': expected the output directory (fwm eval --workdir DIR), got ''")
+    os.makedirs(config.workdir, exist_ok=True)
+    mesh = make_mesh(config.mesh.to_dict())
+    checkpoint_path = resolve_checkpoint(config.checkpoint)
+    meta = checkpoint_lib.load_meta(checkpoint_path)
+    cfg, params = checkpoint_lib.load_params(checkpoint_path, mesh)
+    tokenizer_path = resolve_tokenizer(config.tokenizer, config.checkpoint, meta)
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{tokenizer_path} has {tokenizer.vocab_size} ids but the model only {cfg.vocab_size}")
+    s = config.sampling
+    room = cfg.max_seq_len - s.max_new_tokens
+    if room < 2:
+        raise ConfigError(f"config key 'sampling.max_new_tokens': {s.max_new_tokens} leaves no room for a prompt in "
+                          f"the model's max_seq_len={cfg.max_seq_len}")
+    options = PromptOptions(variant=config.prompt.variant, budget_tokens=config.prompt.budget_tokens or room - 1,
+                            max_prompt_tokens=room, strict_actions=config.prompt.strict_actions)
+    tasks_file, tasks = load_tasks(config)
+    spec = env_spec(config)
+    logging.info("evaluating %s (%s) on %d tasks of %s with the %s tool", checkpoint_path, cfg, len(tasks), tasks_file,
+                 spec.tool)
+    score_metric = config.env.metric if spec.tool == "search" else "correct (math-verify)"
+    results: dict[str, Any] = {
+        "checkpoint": os.path.abspath(checkpoint_path), "tokenizer": tokenizer_path, "tasks_file": tasks_file,
+        "num_tasks": len(tasks), "model": cfg.to_dict(), "config": json.loads(config.to_json()),
+        "env": {"tool": spec.tool, "max_turns": spec.max_turns}, "score_metric": score_metric,
+        "prompt": {"variant": options.variant, "budget_tokens": options.budget_tokens,
+                   "max_prompt_tokens": options.max_prompt_tokens},
+        "sampling": s.to_dict(), "constant_answer": constant_answers(tasks, config.env.metric),
+    }
+    common = dict(max_new_tokens=s.max_new_tokens, stop_ids=(tokenizer.eos_id,), mesh=mesh, max_batch=s.max_batch)
+    with EnvPool(spec, threads=config.env.threads) as pool:
+        if s.greedy:
+            policy = ModelPolicy(cfg, params, temperature=0.0, **common)
+            episodes = run_episodes(episode_slots(tasks, 1, config.seed, "eval/greedy"), policy, pool, tokenizer,
+                                    options, progress=config.progress, desc="eval greedy")
+            write_jsonl(os.path.join(config.workdir, "episodes_greedy.jsonl"), (e.to_dict() for e in episodes))
+            results["greedy"] = _results_of(episodes, None)
+        if s.k:
+            policy = ModelPolicy(cfg, params, temperature=s.temperature, top_k=s.top_k or None,
+                                 top_p=s.top_p if s.top_p < 1 else None, **common)
+            episodes = run_episodes(episode_slots(tasks, s.k, config.seed, "eval/sampled"), policy, pool, tokenizer,
+                                    options, progress=config.progress, desc=f"eval {s.k} samples")
+            write_jsonl(os.path.join(config.workdir, "episodes_sampled.jsonl"), (e.to_dict() for e in episodes))
+            results["sampled"] = _results_of(episodes, s.k)
+    write_json(os.path.join(config.workdir, "eval.json"), results)
+    page = report.markdown(results)
+    with atomic_open(os.path.join(config.workdir, "eval.md"), "w") as f:
+        f.write(page)
+    return results

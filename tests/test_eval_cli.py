@@ -1,0 +1,65 @@
+"""`fwm eval` end to end as a user runs it: a `fwm data` workdir, a (random, untrained) checkpoint with its
+tokenizer, greedy and sampled episodes -> eval.json, eval.md, episodes_*.jsonl. A random model writes
+malformed responses: they are scored, never a crash."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+
+from fwm.envs.jsonl import read_jsonl
+from fwm.model import transformer
+from fwm.model.checkpoint import save_params
+from fwm.tokenizer import train_sentencepiece
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fwm(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "fwm.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=600)
+
+
+def test_fwm_eval_end_to_end_on_a_random_model(tmp_path):
+    data = tmp_path / "data"
+    done = _fwm("data", "--config", "experiments/synthetic_search.py:runlocal", "--config.workers=0",
+                "--config.progress=False", "--workdir", str(data))
+    assert done.returncode == 0, done.stderr[-3000:]
+    texts = [row["text"] for _, row in read_jsonl(data / "corpora" / "pretrain.jsonl")]
+    tokenizer = train_sentencepiece(texts, str(tmp_path / "tok.model"), 400)
+    cfg = transformer.ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
+                                  num_kv_heads=1, head_dim=16, mlp_dim=64, max_seq_len=512)
+    save_params(tmp_path / "ckpt", cfg, transformer.init_params(cfg, jax.random.key(0)),
+                {"tokenizer": str(tmp_path / "tok.model")})
+
+    out = tmp_path / "eval"
+    done = _fwm("eval", "--config", "experiments/eval.py:runlocal,sampled", f"--config.checkpoint={tmp_path / 'ckpt'}",
+                f"--config.data_dir={data}", "--config.max_tasks=3", "--config.sampling.k=2",
+                "--config.sampling.max_new_tokens=24", "--config.env.max_turns=3", "--config.progress=False",
+                "--workdir", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "eval.json").read_text())
+    greedy, sampled = results["greedy"]["by_source"]["all"], results["sampled"]["by_source"]["all"]
+    assert results["num_tasks"] == 3 and greedy["episodes"] == 3 and sampled["episodes"] == 6
+    assert 0.0 <= greedy["format_adherence"] <= 1.0 and greedy["malformed_steps"] > 0  # random text, scored
+    assert greedy["turns"] == 3.0 and greedy["score"] == 0.0 and "pass@2" in sampled
+    assert results["constant_answer"]["all"]["exact_match"]["value"] > 0
+    assert results["greedy"]["gold_chain"]["episodes"] == 3
+    page = (out / "eval.md").read_text()
+    assert "| all | 3 |" in page and "mean@2" in page and "Best constant answers" in page
+    assert page.strip() in done.stdout
+    rows = [row for _, row in read_jsonl(out / "episodes_greedy.jsonl")]
+    assert len(rows) == 3
+    for step in (step for row in rows for step in row["steps"]):
+        assert len(step["response_ids"]) == len(step["span_ids"]) == len(step["logprobs"]) <= 24
+        assert step["prompt_ids"][0] == tokenizer.bos_id and len(step["prompt_ids"]) <= 512 - 24
+
+
+def test_fwm_eval_config_errors_name_the_key(tmp_path):
+    done = _fwm("eval", "--config", "experiments/eval.py", "--config.sampling.max_new_tokns=3", "--workdir",
+                str(tmp_path))
+    assert done.returncode != 0 and "sampling.max_new_tokns" in done.stderr and "max_new_tokens" in done.stderr
+    done = _fwm("eval", "--config", "experiments/eval.py", "--workdir", str(tmp_path))
+    assert done.returncode != 0 and "'checkpoint'" in done.stderr
