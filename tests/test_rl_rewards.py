@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from fwm import schema
-from fwm.envs.base import EpisodeRecord, Task
 from fwm.rl import rewards
 from fwm.rl.rewards import EpisodeOutcome, StepOutcome
 from fwm.schema import Action, StepResponse, WorldModelBlock
@@ -26,18 +25,12 @@ STEPS = [
 
 
 def _episode(steps=STEPS, score=1.0, final_answer="Anne Hidalgo", garbage_at=None):
-    record = EpisodeRecord(task=Task("t1", "Who is the mayor of the capital of France?", ("Anne Hidalgo",)))
-    responses = []
+    outcomes = []
     for i, (action, keywords, confidence, observation) in enumerate(steps):
         if i == garbage_at:
-            record.actions.append(None)
-            record.observations.append("Your previous response was malformed.")
-            responses.append(GARBAGE)
-        record.actions.append(action)
-        record.observations.append(observation)
-        responses.append(_response(action, keywords, confidence))
-    record.score, record.final_answer = score, final_answer
-    return EpisodeOutcome.from_record(record, responses, "full")
+            outcomes.append(StepOutcome.from_response(GARBAGE, "Your previous response was malformed.", "full"))
+        outcomes.append(StepOutcome.from_response(_response(action, keywords, confidence), observation, "full"))
+    return EpisodeOutcome(tuple(outcomes), score, final_answer, ("Anne Hidalgo",))
 
 
 @pytest.mark.parametrize("q, correct, expected", [
@@ -112,8 +105,8 @@ def test_a_garbage_step_gets_the_documented_worst_rewards(score, worst):
     # The steps around it are scored normally; the garbage step's None action reads as "" in tau_{>t}.
     assert r.r_ground_T[0] == 1.0
     # An episode of nothing but garbage (a non-string response too) still scores without error.
-    record = EpisodeRecord(task=Task("t2", "q?", ("a",)), actions=[None, None], observations=["x", "y"])
-    only_garbage = rewards.episode_rewards(EpisodeOutcome.from_record(record, [GARBAGE, None], "full"))
+    steps = (StepOutcome.from_response(GARBAGE, "x", "full"), StepOutcome.from_response(None, "y", "full"))
+    only_garbage = rewards.episode_rewards(EpisodeOutcome(steps, 0.0, None, ("a",)))
     assert only_garbage.format_adherence == 0.0 and list(only_garbage.r_calib_T) == [-1.0, -1.0]
     assert list(only_garbage.r_ground_T) == [0.0, 0.0]
 
@@ -128,9 +121,3 @@ def test_a_missing_confidence_fails_the_format_only_in_the_full_variant():
     lying = StepOutcome(Action("answer", "a"), "", None, ("a",), True)
     assert not rewards.step_format_ok(lying, "full")
     assert rewards.step_format_ok(StepOutcome(Action("answer", "a"), "", 0.5, ("a",), True), "full")
-
-
-def test_from_record_checks_the_step_count():
-    record = EpisodeRecord(task=Task("t", "q?", ("a",)), actions=[None], observations=["x"])
-    with pytest.raises(ValueError, match="1 recorded steps"):
-        EpisodeOutcome.from_record(record, ["a", "b"], "full")

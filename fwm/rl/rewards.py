@@ -1,9 +1,10 @@
 """FC-RL rewards of one episode: outcome, format adherence, and per step R_calib and R_ground.
 
-Inputs are plain Python, filled by the RL loop from the episode runner's records:
-`EpisodeOutcome.from_record(record, responses, variant)` takes the env's `EpisodeRecord` (actions,
-observations, score, final answer, gold answers) and the model's response text of every step.
-Model output is input: a step without an action, confidence or keywords is scored, never an error.
+Inputs are plain Python, filled from the episode runner's records (`fwm.rl.rollout_data.episode_outcome`
+from a `fwm.rollout.episodes.Episode`; `StepOutcome.from_response` from a response text): per step the
+action, observation, parsed confidence, keywords and format flag, per episode the env's recorded
+score, the final answer and the gold answers. Model output is input: a step without an action,
+confidence or keywords is scored, never an error.
 
 Per episode (PAPER.md, FC-RL; the choices the paper leaves open are config keys of `rl`):
 - outcome reward (`rl.outcome_metric`): 'score' takes the score the env recorded (exact match or F1
@@ -11,7 +12,7 @@ Per episode (PAPER.md, FC-RL; the choices the paper leaves open are config keys 
   'exact_match' / 'f1' / 'substring_match' recompute it from the final answer with
   `fwm.envs.scoring` (0 without a final answer).
 - correctness I (for R_calib): 1 iff the outcome reward >= `rl.correct_threshold` (default 1.0: an
-  exact match, a correct math answer, or a perfect F1).
+  exact match, a correct math answer, or a perfect F1; the same rule as `trajectories.collect.succeeded`).
 - format adherence: the share of steps whose response passes `schema.format_ok` for the variant.
 - episode reward R_E = outcome - `rl.format_penalty` * (1 - format adherence); the penalty defaults to
   0 (the paper's reward is the outcome alone, as far as it is known).
@@ -28,7 +29,6 @@ from typing import Sequence
 import numpy as np
 
 from fwm import schema
-from fwm.envs.base import EpisodeRecord
 from fwm.envs.scoring import QA_METRICS
 from fwm.schema import Action
 from fwm.trajectories.future import keyword_found, what_follows
@@ -70,17 +70,6 @@ class EpisodeOutcome:
     score: float
     final_answer: str | None
     answers: tuple[str, ...]
-
-    @classmethod
-    def from_record(cls, record: EpisodeRecord, responses: Sequence[str], variant: str) -> "EpisodeOutcome":
-        """From the env's record and the response text of each of its steps (same order)."""
-        if len(responses) != len(record.observations):
-            raise ValueError(f"episode on task {record.task.id}: {len(responses)} responses but "
-                             f"{len(record.observations)} recorded steps")
-        steps = tuple(StepOutcome.from_response(response, observation, variant)
-                      for response, observation in zip(responses, record.observations))
-        return cls(steps=steps, score=float(record.score), final_answer=record.final_answer,
-                   answers=tuple(record.task.answers))
 
 
 @dataclasses.dataclass(frozen=True)
