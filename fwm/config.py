@@ -31,6 +31,7 @@ STAGES: dict[str, str] = {
     "pretrain": "fwm.train.loop:run",   # stage 0: base model from scratch on plain documents
     "mid_train": "fwm.train.loop:run",  # WM-AMT or plain mid-training: packed LM batches
     "sft": "fwm.train.loop:run",        # FE-SFT / plain SFT: prompt masked, span ids
+    "rl": "fwm.rl.loop:run",            # FC-RL (or plain GRPO): rollouts, rewards, rl_step
 }
 SCHEDULES = ("cosine", "linear", "constant")
 _INIT_SOURCE = re.compile(r"^(scratch|orbax:.+|hf:.+)$")
@@ -128,6 +129,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.clip_eps_low = 0.2                    # ratio clipped to [1 - low, 1 + high]
     c.rl.clip_eps_high = 0.2                   # DAPO's clip-higher: 0.28
     c.rl.loss_aggregation = "token_mean"       # token_mean | sequence_mean_token_mean (fwm.rl.losses)
+    # The environment (tasks come from data.train_files: RL task records, e.g. fwm data's rl_tasks.jsonl).
+    c.rl.tool = "search"                       # search | python
+    c.rl.index_dir = ""                        # search: a BM25 index directory (fwm data: WORKDIR/world/bm25)
+    c.rl.topk = 3                              # search: passages per query
+    c.rl.env_metric = "exact_match"            # search: the env's score (exact_match | f1 | substring_match)
+    c.rl.timeout_s = 5.0                       # python tool and math answer checks
+    c.rl.memory_mb = 512
+    c.rl.isolation = "auto"
+    c.rl.env_threads = 8                       # tool calls in flight
+    c.rl.prompt_budget_tokens = 0              # render_prompt's history budget; 0: all the room the model has
+    c.rl.strict_actions = False                # act only on responses whose whole format is right
     return c
 
 
@@ -187,6 +199,8 @@ def check_rl_values(rl: ml_collections.ConfigDict) -> None:
     """The `rl` section: choices, ranges, and which rewards a response variant can earn."""
     # Imported here, not at the top: the choices live with the RL code (one definition), and the
     # supervised modules, which import this one, must not import the RL ones.
+    from fwm.envs.sandbox import ISOLATION_MODES
+    from fwm.envs.scoring import QA_METRICS
     from fwm.rl.advantages import ESTIMATORS
     from fwm.rl.losses import AGGREGATIONS
     from fwm.rl.rewards import OUTCOME_METRICS
@@ -219,6 +233,15 @@ def check_rl_values(rl: ml_collections.ConfigDict) -> None:
     if rl.variant == "plain":
         _require(not rl.ground_reward, "rl.ground_reward", "False: the 'plain' variant writes no keywords",
                  rl.ground_reward)
+    _require(rl.tool in ("search", "python"), "rl.tool", "search or python", rl.tool)
+    _require(rl.env_metric in QA_METRICS, "rl.env_metric", f"one of {sorted(QA_METRICS)}", rl.env_metric)
+    _require(rl.topk >= 1, "rl.topk", "an int >= 1", rl.topk)
+    _require(rl.timeout_s > 0, "rl.timeout_s", "a value > 0", rl.timeout_s)
+    _require(rl.memory_mb > 0, "rl.memory_mb", "an int > 0", rl.memory_mb)
+    _require(rl.isolation in ISOLATION_MODES, "rl.isolation", f"one of {ISOLATION_MODES}", rl.isolation)
+    _require(rl.env_threads >= 1, "rl.env_threads", "an int >= 1", rl.env_threads)
+    _require(rl.prompt_budget_tokens >= 0, "rl.prompt_budget_tokens", "an int >= 0 (0: all the room)",
+             rl.prompt_budget_tokens)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
