@@ -309,3 +309,20 @@ def test_supervised_modules_do_not_import_the_rl_ones():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.stdout.strip() == "[]"
+
+
+def test_rl_experiment_variants_validate():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "rl.py")
+    spec = importlib.util.spec_from_file_location("rl_experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(config_lib.ConfigError, match="init.source"):
+        config_lib.validate(module.get_config())  # the SFT checkpoint must be named
+    for variant in module.VARIANTS:
+        config = module.get_config(f"{variant},runlocal" if variant != "runlocal" else variant)
+        config.init.source = "orbax:/sft/checkpoints"
+        config_lib.validate(config)
+    grpo = module.get_config("grpo")
+    assert grpo.rl.omega == 0 and not grpo.rl.calib_reward and not grpo.rl.ground_reward
