@@ -241,6 +241,12 @@ def test_rl_step_first_pass_is_on_policy(one_device_run):
     # The second pass sees the policy the first one moved: the ratio leaves 1.
     assert second["ratio_max"] > 1.0 + 1e-4 or second["ratio_min"] < 1.0 - 1e-4
     assert int(state.step) == 2
+    # The updates moved probability toward positive-advantage tokens and away from negative ones.
+    mesh = _one_device()
+    new = np.asarray(make_token_logprobs(MODEL, mesh)(state.params, place_batch(mesh, batch)))
+    change = (new - old) * w
+    positive, negative = batch["advantages_BxL"] > 0, batch["advantages_BxL"] < 0
+    assert change[positive].sum() / positive.sum() > 0 > change[negative].sum() / negative.sum()
 
 
 def test_rl_step_2x2x2_mesh_with_micro_batches_matches_one_device(one_device_run):
