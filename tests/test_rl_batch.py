@@ -3,10 +3,11 @@ import jax
 import numpy as np
 import pytest
 
-from fwm.mesh import make_mesh, place_batch
+from fwm.mesh import place_batch
 from fwm.model import transformer as T
 from fwm.rl.batch import StepSample, rl_batch
 from fwm.rl.step import make_token_logprobs
+from mesh_checks import one_device_mesh
 
 SAMPLE = StepSample(prompt_ids=[1, 5, 6], response_ids=[7, 8, 2], response_span_ids=[1, 2, 2],
                     response_logprobs=[-0.1, -0.2, -0.3], world_model_advantage=0.5, policy_advantage=-1.0)
@@ -55,7 +56,7 @@ def test_old_logprobs_sit_where_the_model_scores_the_same_tokens():
         samples.append(StepSample(sequence[:num_prompt], sequence[num_prompt:], [2] * num_response, response_logp,
                                   0.0, 1.0))
     batch = rl_batch(samples, rows=4, seq_len=12)
-    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    mesh = one_device_mesh()
     scored = np.asarray(make_token_logprobs(model, mesh)(params, place_batch(mesh, batch)))
     trained = batch["loss_weights_BxL"] > 0
     assert trained.sum() == 12

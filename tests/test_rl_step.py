@@ -16,6 +16,7 @@ from fwm.rl import losses as rl_losses
 from fwm.rl.step import make_rl_step, make_token_logprobs
 from fwm.train import state as state_lib
 from fwm.train.losses import target_nll
+from mesh_checks import assert_trees_close, one_device_mesh
 
 B, L, V = 4, 8, 11
 EPS_LOW, EPS_HIGH = 0.2, 0.28
@@ -99,7 +100,8 @@ def test_numpy_reference_gradient_matches_its_finite_differences():
 def test_loss_and_gradient_match_numpy(seed, beta, aggregation):
     logp, old, adv, w, ref, span = _inputs(seed)
     batch = _batch(old, adv, w, ref, span)
-    value, grad = jax.value_and_grad(lambda x: _mean_loss(x, batch, beta, aggregation)[0])(jnp.asarray(logp, jnp.float32))
+    loss = lambda x: _mean_loss(x, batch, beta, aggregation)[0]  # noqa: E731
+    value, grad = jax.value_and_grad(loss)(jnp.asarray(logp, jnp.float32))
     np.testing.assert_allclose(value, np_objective(logp, old, adv, w, ref, beta, aggregation), rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(grad, np_grad(logp, old, adv, w, ref, beta, aggregation), rtol=2e-5, atol=1e-7)
     # Both sides of the band occur, so both branches of the rule are exercised.
@@ -210,18 +212,9 @@ def _run(mesh, config, num_steps=2):
     return jax.device_get(state), history, batch
 
 
-def _one_device():
-    return make_mesh({"data": 1}, devices=jax.devices()[:1])
-
-
-def _assert_close(tree_a, tree_b, **tol):
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(tree_a)[0], jax.tree.leaves(tree_b)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path), **tol)
-
-
 @pytest.fixture(scope="module")
 def one_device_run():
-    return _run(_one_device(), _config())
+    return _run(one_device_mesh(), _config())
 
 
 def test_rl_step_first_pass_is_on_policy(one_device_run):
@@ -242,7 +235,7 @@ def test_rl_step_first_pass_is_on_policy(one_device_run):
     assert second["ratio_max"] > 1.0 + 1e-4 or second["ratio_min"] < 1.0 - 1e-4
     assert int(state.step) == 2
     # The updates moved probability toward positive-advantage tokens and away from negative ones.
-    mesh = _one_device()
+    mesh = one_device_mesh()
     new = np.asarray(make_token_logprobs(MODEL, mesh)(state.params, place_batch(mesh, batch)))
     change = (new - old) * w
     positive, negative = batch["advantages_BxL"] > 0, batch["advantages_BxL"] < 0
@@ -255,8 +248,8 @@ def test_rl_step_2x2x2_mesh_with_micro_batches_matches_one_device(one_device_run
     single, single_metrics, _ = one_device_run
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded, sharded_metrics, _ = _run(mesh, _config(micro_batches=2))
-    _assert_close(sharded_metrics, single_metrics, rtol=2e-4, atol=2e-6)
-    _assert_close(sharded.params, single.params, rtol=1e-4, atol=1e-6)
+    assert_trees_close(sharded_metrics, single_metrics, rtol=2e-4, atol=2e-6)
+    assert_trees_close(sharded.params, single.params, rtol=1e-4, atol=1e-6)
     tx = state_lib.make_optimizer(_config().optim, 20)
     kernel = state_lib.state_shardings(MODEL, tx, mesh).params["layers"]["mlp"]["up_proj"]["kernel"]
     assert tuple(kernel.spec) == (None, "fsdp", "tensor")  # the state really is sharded
@@ -270,13 +263,14 @@ def test_without_kl_no_reference_is_read():
     value, aux = _mean_loss(jnp.asarray(logp, jnp.float32), batch, 0.0, "token_mean")
     assert "kl" not in aux
     np.testing.assert_allclose(value, np_objective(logp, old, adv, w, ref, 0.0, "token_mean"), rtol=2e-5)
-    step = make_rl_step(_config(kl_beta=0.0), MODEL, _one_device())
+    step = make_rl_step(_config(kl_beta=0.0), MODEL, one_device_mesh())
     rl_batch = _rl_batch()
     with pytest.raises(KeyError, match="old_logprobs_BxL"):
         step(None, rl_batch)
     rl_batch["old_logprobs_BxL"] = np.zeros((ROWS, LEN), np.float32)
+    step = make_rl_step(_config(micro_batches=4, kl_beta=0.0), MODEL, one_device_mesh())
     with pytest.raises(ValueError, match="micro_batches"):
-        make_rl_step(_config(micro_batches=4, kl_beta=0.0), MODEL, _one_device())(None, {k: v[:6] for k, v in rl_batch.items()})
+        step(None, {k: v[:6] for k, v in rl_batch.items()})
 
 
 @pytest.mark.parametrize("key, value, message", [

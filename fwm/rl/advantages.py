@@ -84,19 +84,19 @@ def group_advantages(values_N: Sequence[float], group_keys_N: Sequence[Hashable]
     return advantages_N
 
 
-def episode_advantage(episode_rewards_E: Sequence[float], group_ids_E: Sequence[int], estimator: str,
+def episode_advantage(episode_rewards_E: Sequence[float], group_ids_E: Sequence[Hashable], estimator: str,
                       eps: float = 1e-6) -> np.ndarray:
     """A_E(i) = estimator(R_E) over episode i's episode group (episodes with the same group id)."""
     return group_advantages(episode_rewards_E, list(group_ids_E), estimator, eps)
 
 
-def step_confidence_advantage(q_N: Sequence[float], group_ids_N: Sequence[int], step_index_N: Sequence[int],
+def step_confidence_advantage(q_N: Sequence[float], group_ids_N: Sequence[Hashable], step_index_N: Sequence[int],
                               estimator: str, eps: float = 1e-6) -> np.ndarray:
     """A_S(i, t) = estimator(q_t) over the step group (same group id, same step index t)."""
     return group_advantages(q_N, list(zip(group_ids_N, step_index_N)), estimator, eps)
 
 
-def world_model_advantage(r_calib_N: Sequence[float], r_ground_N: Sequence[float], group_ids_N: Sequence[int],
+def world_model_advantage(r_calib_N: Sequence[float], r_ground_N: Sequence[float], group_ids_N: Sequence[Hashable],
                           step_index_N: Sequence[int], estimator: str, eps: float = 1e-6, *, calib: bool = True,
                           ground: bool = True) -> np.ndarray:
     """A_WM(i, t) = estimator(R_WM) over the step group, R_WM = [calib] R_calib + [ground] R_ground.
@@ -128,13 +128,13 @@ class StepAdvantages:
     confidence_N: np.ndarray
 
 
-def span_advantages(rewards: Sequence[EpisodeRewards], group_ids_E: Sequence[int], *, estimator: str = "grpo",
+def span_advantages(rewards: Sequence[EpisodeRewards], group_ids_E: Sequence[Hashable], *, estimator: str = "grpo",
                     eps: float = 1e-6, omega: float = 0.0, calib: bool = True, ground: bool = True
                     ) -> StepAdvantages:
     """Both span advantages of every step of a rollout batch (module docstring).
 
-    rewards[i] belongs to episode i of task group group_ids_E[i]; the config keys are rl.advantage,
-    rl.advantage_eps, rl.omega, rl.calib_reward and rl.ground_reward.
+    rewards[i] belongs to episode i of the episode group group_ids_E[i] (e.g. its task id); the config
+    keys are rl.advantage, rl.advantage_eps, rl.omega, rl.calib_reward and rl.ground_reward.
     """
     if len(rewards) != len(group_ids_E):
         raise ValueError(f"{len(rewards)} episodes but {len(group_ids_E)} group ids")

@@ -148,8 +148,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     tokenizer = load_tokenizer(tok_path)
     new_tag_ids = tuple(getattr(tokenizer, "new_tag_ids", ()))
     tasks = iter(rl_pipeline(list(config.data.train_files), batch_size=int(rl.rollout_batch),
-                             group_size=int(rl.group_size), seed=int(config.data.seed), shuffle=bool(config.data.shuffle),
-                             on_bad_record=config.data.on_bad_record))
+                             group_size=int(rl.group_size), seed=int(config.data.seed),
+                             shuffle=bool(config.data.shuffle), on_bad_record=config.data.on_bad_record))
     tx = make_optimizer(config.optim, total_steps)
     manager = checkpoints.make_manager(workdir, int(config.train.keep_ckpts), bool(config.train.async_checkpoint))
     start = manager.latest_step()
