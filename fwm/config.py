@@ -115,7 +115,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.max_turns = 4                         # steps per episode before the turn budget ends it (score 0)
     c.rl.max_new_tokens = 256                  # sampled tokens per step response
     c.rl.temperature = 1.0
-    c.rl.mini_batches = 1                      # optimiser updates per rollout batch (step samples split evenly)
+    c.rl.mini_batches = 1                      # optimiser updates per pass over a rollout (step samples split evenly)
+    c.rl.epochs = 1                            # passes over each rollout's mini-batches (PPO epochs)
     c.rl.outcome_metric = "score"              # score (the env's) | exact_match | f1 | substring_match
     c.rl.correct_threshold = 1.0               # I = 1 (R_calib) iff the outcome reward >= this
     c.rl.format_penalty = 0.0                  # R_E = outcome - format_penalty * (1 - format adherence)
@@ -209,7 +210,7 @@ def check_rl_values(rl: ml_collections.ConfigDict) -> None:
     _require(rl.group_size >= 2, "rl.group_size", "an int >= 2 (a group of one has no baseline)", rl.group_size)
     _require(rl.rollout_batch >= rl.group_size and rl.rollout_batch % rl.group_size == 0, "rl.rollout_batch",
              f"a positive multiple of rl.group_size={rl.group_size}", rl.rollout_batch)
-    for name in ("max_turns", "max_new_tokens", "mini_batches"):
+    for name in ("max_turns", "max_new_tokens", "mini_batches", "epochs"):
         _require(rl[name] >= 1, f"rl.{name}", "an int >= 1", rl[name])
     _require(rl.temperature > 0, "rl.temperature", "a value > 0", rl.temperature)
     _require(rl.outcome_metric in OUTCOME_METRICS, "rl.outcome_metric", f"one of {OUTCOME_METRICS}",

@@ -49,7 +49,10 @@ def test_rl_loop_trains_checkpoints_and_resumes(tmp_path):
     assert record["ratio_min"] <= 1.0 <= record["ratio_max"]
     assert record["sampler_logprob_gap"] < 1e-3
 
-    second = run(_config(tmp_path, steps=4))  # resumes from step 2 with the next task batch
-    assert second["step"] == 4 and second["iteration"] == 2
+    # Resumes from step 2 with the next task batch; two passes over its 2 mini-batches: 4 more updates.
+    config = _config(tmp_path, steps=6)
+    config.rl.epochs = 2
+    second = run(config)
+    assert second["step"] == 6 and second["iteration"] == 2
     lines = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [2, 4] and [line["iteration"] for line in lines] == [1, 2]
+    assert [line["step"] for line in lines] == [2, 6] and [line["iteration"] for line in lines] == [1, 2]

@@ -11,7 +11,7 @@
        (the first mini-batch is then exactly on-policy, and the sampler's numerics -- another program,
        KV cache -- never enter the ratio; their gap to the sampler's is reported as
        `sampler_logprob_gap`), and the reference's when rl.kl_beta > 0;
-    5. one `rl_step` per mini-batch.
+    5. one `rl_step` per mini-batch, in order, rl.epochs times over the same mini-batches.
   train.steps counts optimiser updates (mini-batches); the loop stops once state.step reaches it.
 - The reference model of the KL is the policy the run started from (config.init.source), frozen.
 - Checkpoints (fwm/train/checkpoints.py: state, task iterator, meta with the iteration) after every
@@ -111,9 +111,10 @@ def rl_iteration(state: TrainState, tasks: Sequence[Task], iteration: int, *, co
             on_device[REF_KEY] = token_logprobs(ref_params, on_device)
         placed.append(on_device)
     history = []
-    for on_device in placed:
-        state, metrics = rl_step(state, on_device)
-        history.append(metrics)
+    for _ in range(int(rl.epochs)):
+        for on_device in placed:
+            state, metrics = rl_step(state, on_device)
+            history.append(metrics)
     record = rollout_data.rollout_metrics(episodes, rewards, advantages)
     record.update(step_samples=float(len(samples)), mini_batches=float(len(placed)),
                   sampler_logprob_gap=float(np.mean(jax.device_get(gaps))) if gaps else 0.0)
