@@ -23,12 +23,15 @@ from fwm.configlib import ConfigError, require as _require
 from fwm.data.features import DEFAULT_TRAINED_ROLES
 from fwm.data.records import ON_BAD_RECORD, ROLES
 from fwm.model.transformer import ModelConfig
+from fwm.schema import VARIANTS
+from fwm.trajectories.future import FUTURE_STARTS
 
 # stage name -> "module:function" taking (config) and running the stage in config.train.workdir.
 STAGES: dict[str, str] = {
     "pretrain": "fwm.train.loop:run",   # stage 0: base model from scratch on plain documents
     "mid_train": "fwm.train.loop:run",  # WM-AMT or plain mid-training: packed LM batches
     "sft": "fwm.train.loop:run",        # FE-SFT / plain SFT: prompt masked, span ids
+    "rl": "fwm.rl.loop:run",            # FC-RL (or plain GRPO): rollouts, rewards, rl_step
 }
 SCHEDULES = ("cosine", "linear", "constant")
 _INIT_SOURCE = re.compile(r"^(scratch|orbax:.+|hf:.+)$")
@@ -102,6 +105,42 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.workdir = ""                       # set by --workdir
     c.train.async_checkpoint = True
     c.train.peak_flops_per_device = 0.0        # MFU denominator; 0: the table in fwm/train/metrics.py
+
+    # FC-RL (fwm/rl/). Rollouts: rollout_batch episodes = rollout_batch / group_size tasks x group_size.
+    # In RL, train.steps counts optimiser updates (one per mini-batch) and optim.* is the optimiser.
+    c.rl = ml_collections.ConfigDict()
+    c.rl.variant = "full"                      # response variant the policy writes (schema.VARIANTS)
+    c.rl.group_size = 5                        # G episodes per task (Search-R1: 5)
+    c.rl.rollout_batch = 40                    # episodes per rollout (a multiple of group_size)
+    c.rl.max_turns = 4                         # steps per episode before the turn budget ends it (score 0)
+    c.rl.max_new_tokens = 256                  # sampled tokens per step response
+    c.rl.temperature = 1.0
+    c.rl.mini_batches = 1                      # optimiser updates per pass over a rollout (step samples split evenly)
+    c.rl.epochs = 1                            # passes over each rollout's mini-batches (PPO epochs)
+    c.rl.outcome_metric = "score"              # score (the env's) | exact_match | f1 | substring_match
+    c.rl.correct_threshold = 1.0               # I = 1 (R_calib) iff the outcome reward >= this
+    c.rl.format_penalty = 0.0                  # R_E = outcome - format_penalty * (1 - format adherence)
+    c.rl.future_start = "observation"          # where tau_{>t} starts for R_ground (trajectories.future)
+    c.rl.calib_reward = True                   # R_calib in the world-model span reward
+    c.rl.ground_reward = True                  # R_ground in the world-model span reward
+    c.rl.omega = 0.2                           # policy span: A_E + omega * A_S (paper: 0.2 search, 0.1 math)
+    c.rl.advantage = "grpo"                    # grpo | dr_grpo | rloo (fwm.rl.advantages.ESTIMATORS)
+    c.rl.advantage_eps = 1e-6                  # grpo: (r - mean) / (std + eps)
+    c.rl.kl_beta = 0.001                       # k3 KL to the reference (Search-R1: 0.001; 0: no KL, no ref)
+    c.rl.clip_eps_low = 0.2                    # ratio clipped to [1 - low, 1 + high]
+    c.rl.clip_eps_high = 0.2                   # DAPO's clip-higher: 0.28
+    c.rl.loss_aggregation = "token_mean"       # token_mean | sequence_mean_token_mean (fwm.rl.losses)
+    # The environment (tasks come from data.train_files: RL task records, e.g. fwm data's rl_tasks.jsonl).
+    c.rl.tool = "search"                       # search | python
+    c.rl.index_dir = ""                        # search: a BM25 index directory (fwm data: WORKDIR/world/bm25)
+    c.rl.topk = 3                              # search: passages per query
+    c.rl.env_metric = "exact_match"            # search: the env's score (exact_match | f1 | substring_match)
+    c.rl.timeout_s = 5.0                       # python tool and math answer checks
+    c.rl.memory_mb = 512
+    c.rl.isolation = "auto"
+    c.rl.env_threads = 8                       # tool calls in flight
+    c.rl.prompt_budget_tokens = 0              # render_prompt's history budget; 0: all the room the model has
+    c.rl.strict_actions = False                # act only on responses whose whole format is right
     return c
 
 
@@ -154,6 +193,56 @@ def check_values(config: ml_collections.ConfigDict) -> None:
              c.train.peak_flops_per_device)
     _require(c.tokenizer.train.vocab_size > 0, "tokenizer.train.vocab_size", "a positive int",
              c.tokenizer.train.vocab_size)
+    check_rl_values(c.rl)
+
+
+def check_rl_values(rl: ml_collections.ConfigDict) -> None:
+    """The `rl` section: choices, ranges, and which rewards a response variant can earn."""
+    # Imported here, not at the top: the choices live with the RL code (one definition), and the
+    # supervised modules, which import this one, must not import the RL ones.
+    from fwm.envs.sandbox import ISOLATION_MODES
+    from fwm.envs.scoring import QA_METRICS
+    from fwm.rl.advantages import ESTIMATORS
+    from fwm.rl.losses import AGGREGATIONS
+    from fwm.rl.rewards import OUTCOME_METRICS
+
+    _require(rl.variant in VARIANTS, "rl.variant", f"one of {VARIANTS}", rl.variant)
+    _require(rl.group_size >= 2, "rl.group_size", "an int >= 2 (a group of one has no baseline)", rl.group_size)
+    _require(rl.rollout_batch >= rl.group_size and rl.rollout_batch % rl.group_size == 0, "rl.rollout_batch",
+             f"a positive multiple of rl.group_size={rl.group_size}", rl.rollout_batch)
+    for name in ("max_turns", "max_new_tokens", "mini_batches", "epochs"):
+        _require(rl[name] >= 1, f"rl.{name}", "an int >= 1", rl[name])
+    _require(rl.temperature > 0, "rl.temperature", "a value > 0", rl.temperature)
+    _require(rl.outcome_metric in OUTCOME_METRICS, "rl.outcome_metric", f"one of {OUTCOME_METRICS}",
+             rl.outcome_metric)
+    _require(0 < rl.correct_threshold <= 1, "rl.correct_threshold", "a value in (0, 1]", rl.correct_threshold)
+    _require(rl.format_penalty >= 0, "rl.format_penalty", "a value >= 0", rl.format_penalty)
+    _require(rl.future_start in FUTURE_STARTS, "rl.future_start", f"one of {FUTURE_STARTS}", rl.future_start)
+    _require(rl.omega >= 0, "rl.omega", "a value >= 0", rl.omega)
+    _require(rl.advantage in ESTIMATORS, "rl.advantage", f"one of {tuple(ESTIMATORS)}", rl.advantage)
+    _require(rl.advantage_eps > 0, "rl.advantage_eps", "a value > 0", rl.advantage_eps)
+    _require(rl.kl_beta >= 0, "rl.kl_beta", "a value >= 0 (0: no KL)", rl.kl_beta)
+    _require(0 <= rl.clip_eps_low < 1, "rl.clip_eps_low", "a value in [0, 1)", rl.clip_eps_low)
+    _require(rl.clip_eps_high >= 0, "rl.clip_eps_high", "a value >= 0", rl.clip_eps_high)
+    _require(rl.loss_aggregation in AGGREGATIONS, "rl.loss_aggregation", f"one of {AGGREGATIONS}",
+             rl.loss_aggregation)
+    # What the variant's responses hold: plain has no keywords or confidence, state no confidence.
+    if rl.variant != "full":
+        for name in ("calib_reward", "omega"):
+            _require(not rl[name], f"rl.{name}", f"off (0/False): the {rl.variant!r} variant states no confidence",
+                     rl[name])
+    if rl.variant == "plain":
+        _require(not rl.ground_reward, "rl.ground_reward", "False: the 'plain' variant writes no keywords",
+                 rl.ground_reward)
+    _require(rl.tool in ("search", "python"), "rl.tool", "search or python", rl.tool)
+    _require(rl.env_metric in QA_METRICS, "rl.env_metric", f"one of {sorted(QA_METRICS)}", rl.env_metric)
+    _require(rl.topk >= 1, "rl.topk", "an int >= 1", rl.topk)
+    _require(rl.timeout_s > 0, "rl.timeout_s", "a value > 0", rl.timeout_s)
+    _require(rl.memory_mb > 0, "rl.memory_mb", "an int > 0", rl.memory_mb)
+    _require(rl.isolation in ISOLATION_MODES, "rl.isolation", f"one of {ISOLATION_MODES}", rl.isolation)
+    _require(rl.env_threads >= 1, "rl.env_threads", "an int >= 1", rl.env_threads)
+    _require(rl.prompt_budget_tokens >= 0, "rl.prompt_budget_tokens", "an int >= 0 (0: all the room)",
+             rl.prompt_budget_tokens)
 
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -12,6 +12,7 @@ from fwm.mesh import make_mesh, place_batch
 from fwm.model import checkpoint, hf
 from fwm.model import transformer as T
 from fwm.train import losses, state as state_lib, steps
+from mesh_checks import assert_trees_close, one_device_mesh
 
 MODEL = T.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                       mlp_dim=64, max_seq_len=64)
@@ -56,41 +57,32 @@ def _train(mesh, config, kind="mid_train", num_steps=2, with_spans=False):
     return jax.device_get(state), history
 
 
-def _one_device():
-    return make_mesh({"data": 1}, devices=jax.devices()[:1])
-
-
-def _assert_close(tree_a, tree_b, **tol):
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(tree_a)[0], jax.tree.leaves(tree_b)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path), **tol)
-
-
 @pytest.fixture(scope="module")
 def one_device_run():
     """Two steps on one device, the whole batch at once: the reference of the parity tests."""
-    return _train(_one_device(), _config(micro_batches=1))
+    return _train(one_device_mesh(), _config(micro_batches=1))
 
 
 def test_accumulation_over_4_micro_batches_matches_one_large_batch(one_device_run):
     whole, whole_metrics = one_device_run
-    accumulated, acc_metrics = _train(_one_device(), _config(micro_batches=4))
+    accumulated, acc_metrics = _train(one_device_mesh(), _config(micro_batches=4))
     assert int(accumulated.step) == 2
-    _assert_close(acc_metrics, whole_metrics, rtol=2e-5, atol=1e-6)
-    _assert_close(accumulated.params, whole.params, rtol=1e-4, atol=1e-6)
+    assert_trees_close(acc_metrics, whole_metrics, rtol=2e-5, atol=1e-6)
+    assert_trees_close(accumulated.params, whole.params, rtol=1e-4, atol=1e-6)
     # The accumulated gradient sums themselves agree to float32 reassociation error: they are sums over
     # ~90 tokens of O(1) terms, so an element near zero can differ by ~1e-6 absolute (seen: 1.4e-6).
     params, batch = T.init_params(MODEL, jax.random.key(0)), _batch()
     sums = {m: jax.jit(lambda p, b, m=m: steps.summed_grads(losses.lm_loss, MODEL, p, b, m))(params, batch)
             for m in (1, 4)}
-    _assert_close(sums[4], sums[1], rtol=1e-5, atol=1e-5)
+    assert_trees_close(sums[4], sums[1], rtol=1e-5, atol=1e-5)
 
 
 def test_2x2x2_mesh_matches_one_device(one_device_run):
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded, sharded_metrics = _train(mesh, _config(micro_batches=1))
     single, single_metrics = one_device_run
-    _assert_close(sharded_metrics, single_metrics, rtol=2e-5, atol=1e-6)
-    _assert_close(sharded.params, single.params, rtol=1e-4, atol=1e-6)
+    assert_trees_close(sharded_metrics, single_metrics, rtol=2e-5, atol=1e-6)
+    assert_trees_close(sharded.params, single.params, rtol=1e-4, atol=1e-6)
     # The state really is sharded: an MLP kernel is split over fsdp and tensor.
     tx = state_lib.make_optimizer(_config().optim, 20)
     shardings = state_lib.state_shardings(MODEL, tx, mesh)
@@ -101,7 +93,7 @@ def test_2x2x2_mesh_matches_one_device(one_device_run):
 
 def test_loss_is_the_exact_weighted_token_mean_with_span_losses():
     config = _config()
-    _, history = _train(_one_device(), config, kind="sft", num_steps=1, with_spans=True)
+    _, history = _train(one_device_mesh(), config, kind="sft", num_steps=1, with_spans=True)
     params = T.init_params(MODEL, jax.random.key(0))  # what create_state(rng=key(0)) starts from
     batch = _batch(0, with_spans=True)
     logits = np.asarray(jax.jit(T.forward, static_argnums=0)(
@@ -125,7 +117,7 @@ def test_weight_decay_skips_norms_biases_and_optionally_embeddings(decay_embeddi
     """With every loss weight 0 the gradients are 0, so only decoupled weight decay moves parameters."""
     model = dataclasses.replace(MODEL, qkv_bias=True)
     config = _config(weight_decay=0.5, decay_embeddings=decay_embeddings, clip_norm=0.0)
-    mesh = _one_device()
+    mesh = one_device_mesh()
     tx = state_lib.make_optimizer(config.optim, config.train.steps)
     state = state_lib.create_state(model, tx, mesh, rng=jax.random.key(0))
     before = jax.device_get(state.params)
@@ -192,8 +184,8 @@ def test_init_from_checkpoint_grows_vocab_for_new_tags(tmp_path, source):
 
 def test_scratch_vocab_comes_from_the_tokenizer():
     config = _config()
-    model_cfg, params = state_lib.initial_params(config, _one_device(), tokenizer_vocab_size=77)
+    model_cfg, params = state_lib.initial_params(config, one_device_mesh(), tokenizer_vocab_size=77)
     assert params is None and model_cfg.vocab_size == 77
     config.model.vocab_size = 50
     with pytest.raises(config_lib.ConfigError, match="model.vocab_size"):
-        state_lib.initial_params(config, _one_device(), tokenizer_vocab_size=77)
+        state_lib.initial_params(config, one_device_mesh(), tokenizer_vocab_size=77)

@@ -28,15 +28,24 @@ SFT_SPANS = {"world_model": schema.SPAN_WORLD_MODEL, "policy": schema.SPAN_POLIC
 LossOutput = tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def token_nll(model_cfg: transformer.ModelConfig, params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
-    """nll_BxL (float32): -log p(targets_BxL[b, t] | tokens_BxL[b, :t+1]) within each packed segment."""
-    logits_BxLxV = transformer.forward(model_cfg, params, batch["tokens_BxL"], batch["positions_BxL"],
-                                       batch["segment_ids_BxL"])
+def batch_logits(model_cfg: transformer.ModelConfig, params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """logits_BxLxV (float32) of a batch's tokens within each packed segment."""
+    return transformer.forward(model_cfg, params, batch["tokens_BxL"], batch["positions_BxL"],
+                               batch["segment_ids_BxL"])
+
+
+def target_nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    """nll_BxL: logsumexp(logits) - logits[target] at every position."""
     log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
     # One-hot contraction rather than a gather: it stays a local reduce when the vocab is sharded.
-    onehot_BxLxV = jax.nn.one_hot(batch["targets_BxL"], model_cfg.vocab_size, dtype=logits_BxLxV.dtype)
+    onehot_BxLxV = jax.nn.one_hot(targets_BxL, logits_BxLxV.shape[-1], dtype=logits_BxLxV.dtype)
     target_logit_BxL = jnp.sum(logits_BxLxV * onehot_BxLxV, axis=-1)
     return log_z_BxL - target_logit_BxL
+
+
+def token_nll(model_cfg: transformer.ModelConfig, params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """nll_BxL (float32): -log p(targets_BxL[b, t] | tokens_BxL[b, :t+1]) within each packed segment."""
+    return target_nll(batch_logits(model_cfg, params, batch), batch["targets_BxL"])
 
 
 def lm_loss(model_cfg: transformer.ModelConfig, params: Any, batch: Mapping[str, jax.Array]) -> LossOutput:

@@ -51,9 +51,30 @@ def _split_micro(x: jax.Array, micro_batches: int) -> jax.Array:
     return jnp.swapaxes(x.reshape((rows // micro_batches, micro_batches) + x.shape[1:]), 0, 1)
 
 
+def _combine(carry: tuple, new: tuple) -> tuple:
+    """Adds two micro-batches' (grads, loss sum, count, aux); aux entries named min_* / max_* take the
+    minimum / maximum instead of the sum."""
+    grads, loss_sum, count, aux = jax.tree.map(jnp.add, carry[:3], new[:3]) + (dict(carry[3]),)
+    for key, value in new[3].items():
+        reduce = jnp.minimum if key.startswith("min_") else jnp.maximum if key.startswith("max_") else jnp.add
+        aux[key] = reduce(aux[key], value)
+    return grads, loss_sum, count, aux
+
+
+def _identity(shapes: tuple) -> tuple:
+    """The neutral start of `_combine`: zeros, +inf for min_* and -inf for max_* aux entries."""
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    aux = {key: jnp.full(s.shape, jnp.inf if key.startswith("min_") else -jnp.inf, s.dtype)
+           if key.startswith(("min_", "max_")) else zeros[3][key] for key, s in shapes[3].items()}
+    return zeros[:3] + (aux,)
+
+
 def summed_grads(loss_fn: Callable, model_cfg: transformer.ModelConfig, params: Any, batch: Batch,
                  micro_batches: int) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array]]:
-    """(gradient of the loss sum (float32), loss sum, token count, aux sums) over the whole batch."""
+    """(gradient of the loss sum (float32), loss sum, token count, aux sums) over the whole batch.
+
+    Aux entries named min_* / max_* are combined over micro-batches by minimum / maximum, not summed.
+    """
     grad_fn = jax.value_and_grad(lambda p, b: loss_fn(model_cfg, p, b), has_aux=True)
 
     def one(micro: Batch):
@@ -66,12 +87,33 @@ def summed_grads(loss_fn: Callable, model_cfg: transformer.ModelConfig, params: 
 
     def body(carry, micro):
         micro = {k: constrain(v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in micro.items()}
-        return jax.tree.map(jnp.add, carry, one(micro)), None
+        return _combine(carry, one(micro)), None
 
     first = jax.tree.map(lambda v: v[0], stacked)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(one, first))
-    total, _ = jax.lax.scan(body, zeros, stacked)
+    total, _ = jax.lax.scan(body, _identity(jax.eval_shape(one, first)), stacked)
     return total
+
+
+def apply_summed_grads(tx: optax.GradientTransformation, schedule: optax.Schedule, state: TrainState,
+                       grad_sums: Any, loss_sum: jax.Array, count: jax.Array
+                       ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimiser update from summed gradients: grads = grad_sums / count (the exact mean).
+
+    Returns the new state and the metrics every step reports (float32): loss (loss_sum / count),
+    tokens (count), grad_norm (before clipping), lr (of this update), param_norm (after it).
+    """
+    denominator = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grad_sums, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss_sum / denominator,
+        "tokens": count,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": jnp.asarray(schedule(state.step), jnp.float32),
+        "param_norm": optax.tree.norm(params),
+    }
+    return TrainState(params, opt_state, state.step + 1), {k: v.astype(jnp.float32) for k, v in metrics.items()}
 
 
 def make_train_step(config: ml_collections.ConfigDict, model_cfg: transformer.ModelConfig, mesh: Mesh,
@@ -92,20 +134,9 @@ def make_train_step(config: ml_collections.ConfigDict, model_cfg: transformer.Mo
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         grad_sums, loss_sum, count, aux = summed_grads(loss_fn, model_cfg, state.params, batch, micro_batches)
-        denominator = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grad_sums, state.params)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {
-            "loss": loss_sum / denominator,
-            "tokens": count,
-            "grad_norm": optax.tree.norm(grads),
-            "lr": jnp.asarray(schedule(state.step), jnp.float32),
-            "param_norm": optax.tree.norm(params),
-            **losses.span_metrics(aux),
-        }
-        metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
-        return TrainState(params, opt_state, state.step + 1), metrics
+        state, metrics = apply_summed_grads(tx, schedule, state, grad_sums, loss_sum, count)
+        metrics.update({k: v.astype(jnp.float32) for k, v in losses.span_metrics(aux).items()})
+        return state, metrics
 
     jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated(mesh)),
                      donate_argnums=0)

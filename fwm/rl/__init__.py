@@ -1,0 +1,1 @@
+"""FC-RL: rewards, advantages, the clipped-surrogate loss and rl_step (see PAPER.md, "FC-RL")."""

@@ -1,0 +1,206 @@
+"""The FC-RL loop (stage 'rl'): rollout -> rewards -> advantages -> rl_step per mini-batch, resumable.
+
+`run(config)` trains in config.train.workdir:
+  RL task batches (data.train_files, `fwm.data.pipelines.rl_pipeline`: rl.rollout_batch episodes =
+  distinct tasks x rl.group_size) -> one iteration each (`rl_iteration`):
+    1. episodes of the current policy (`fwm.rollout.episodes.run_episodes`, `ModelPolicy` at
+       rl.temperature, rl.max_new_tokens per step, rl.max_turns steps) in an `EnvPool` (rl.tool);
+    2. rewards and span advantages (`fwm.rl.rollout_data.rollout_advantages`);
+    3. the step samples shuffled into rl.mini_batches mini-batches (`rollout_data.mini_batches`);
+    4. old log-probs recomputed by the training forward for every mini-batch before the first update
+       (the first mini-batch is then exactly on-policy, and the sampler's numerics -- another program,
+       KV cache -- never enter the ratio; their gap to the sampler's is reported as
+       `sampler_logprob_gap`), and the reference's when rl.kl_beta > 0;
+    5. one `rl_step` per mini-batch, in order, rl.epochs times over the same mini-batches.
+  train.steps counts optimiser updates (mini-batches); the loop stops once state.step reaches it.
+- The reference model of the KL is the policy the run started from (config.init.source), frozen.
+- Checkpoints (fwm/train/checkpoints.py: state, task iterator, meta with the iteration) after every
+  train.ckpt_every-th iteration and at the end; a workdir with a checkpoint resumes from it, with the
+  next task batch. metrics.jsonl gets one line per iteration (step = optimiser updates so far).
+- The tokenizer must exist (tokenizer.path, else WORKDIR/tokenizer.model): the one the SFT checkpoint
+  was trained with.
+Not here yet: SIGTERM handling (a preempted run loses the iterations since its last checkpoint), the
+Search-R1 HTTP retriever (EnvPool takes one; no config key yet) and multi-host rollouts (every process
+would run its own episodes; the batch building is per process).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from fwm.config import ConfigError, validate
+from fwm.data.pipelines import rl_pipeline
+from fwm.envs.base import Task
+from fwm.mesh import make_mesh, place_batch
+from fwm.model import transformer
+from fwm.rl import rollout_data
+from fwm.rl.losses import REF_KEY
+from fwm.rl.step import make_rl_step, make_token_logprobs
+from fwm.rollout.envs import EnvPool
+from fwm.rollout.episodes import ModelPolicy, PromptOptions, episode_slots, run_episodes
+from fwm.tokenizer import load_tokenizer
+from fwm.train import checkpoints
+from fwm.train.inputs import tokenizer_path
+from fwm.train.metrics import MetricsWriter, truncate_jsonl
+from fwm.train.state import TrainState, abstract_state, create_state, initial_params, make_optimizer, param_shardings
+from fwm.trajectories.collect import EnvSpec, derive_seed
+
+
+def env_spec(rl: ml_collections.ConfigDict) -> EnvSpec:
+    """The EnvSpec of the `rl` section."""
+    if rl.tool == "search" and not rl.index_dir:
+        raise ConfigError("config key 'rl.index_dir': the search tool needs a BM25 index directory "
+                          "(fwm data: WORKDIR/world/bm25)")
+    return EnvSpec(rl.tool, max_turns=int(rl.max_turns), index_dir=rl.index_dir, topk=int(rl.topk),
+                   metric=rl.env_metric, timeout_s=float(rl.timeout_s), memory_mb=int(rl.memory_mb),
+                   isolation=rl.isolation)
+
+
+def _tasks_of(batch: dict[str, np.ndarray], group_size: int) -> list[Task]:
+    """The distinct tasks of an rl_pipeline batch (each repeated group_size times there)."""
+    rows = range(0, len(batch["task_ids_B"]), group_size)
+    return [Task(id=str(batch["task_ids_B"][i]), question=str(batch["questions_B"][i]),
+                 answers=tuple(batch["answers_B"][i]), metadata=dict(batch["metadata_B"][i]),
+                 data_source=str(batch["data_sources_B"][i])) for i in rows]
+
+
+def _mean_metrics(history: Sequence[dict[str, jax.Array]]) -> dict[str, float]:
+    """Per-mini-batch step metrics averaged over the iteration (min / max of the ratio over it)."""
+    fetched = [{k: float(v) for k, v in jax.device_get(m).items()} for m in history]
+    out = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    out["ratio_min"] = min(m["ratio_min"] for m in fetched)
+    out["ratio_max"] = max(m["ratio_max"] for m in fetched)
+    return out
+
+
+def rl_iteration(state: TrainState, tasks: Sequence[Task], iteration: int, *, config: ml_collections.ConfigDict,
+                 model_cfg: transformer.ModelConfig, mesh: Any, tokenizer: Any, pool: EnvPool,
+                 rl_step: Callable, token_logprobs: Callable, ref_params: Any | None, options: PromptOptions
+                 ) -> tuple[TrainState, dict[str, float]]:
+    """One rollout of rl.group_size episodes per task and one rl_step per mini-batch (module docstring)."""
+    rl = config.rl
+    seed = int(config.train.seed)
+    slots = episode_slots(tasks, int(rl.group_size), seed, tag=f"rl/{iteration}")
+    policy = ModelPolicy(model_cfg, state.params, max_new_tokens=int(rl.max_new_tokens), stop_ids=(tokenizer.eos_id,),
+                         temperature=float(rl.temperature), mesh=mesh)
+    episodes = run_episodes(slots, policy, pool, tokenizer, options)
+    rewards, advantages = rollout_data.rollout_advantages(episodes, rl)
+    samples = rollout_data.step_samples(episodes, advantages)
+    # Rows: a multiple of the data-parallel size (each replica gets whole rows) times the micro-batches.
+    row_multiple = int(mesh.shape["data"] * mesh.shape["fsdp"] * config.optim.micro_batches)
+    batches = rollout_data.mini_batches(samples, int(rl.mini_batches),
+                                        np.random.default_rng(derive_seed(seed, "rl/mini_batches", iteration)),
+                                        row_multiple=row_multiple, max_seq_len=model_cfg.max_seq_len,
+                                        pad_id=tokenizer.pad_id)
+    placed, gaps = [], []
+    for batch in batches:  # every mini-batch scored by the policy before the first update
+        on_device = place_batch(mesh, batch)
+        sampler_logprobs = on_device["old_logprobs_BxL"]
+        on_device["old_logprobs_BxL"] = token_logprobs(state.params, on_device)
+        weights = on_device["loss_weights_BxL"]
+        gaps.append(jnp.sum(weights * jnp.abs(on_device["old_logprobs_BxL"] - sampler_logprobs))
+                    / jnp.maximum(jnp.sum(weights), 1.0))
+        if ref_params is not None:
+            on_device[REF_KEY] = token_logprobs(ref_params, on_device)
+        placed.append(on_device)
+    history = []
+    for _ in range(int(rl.epochs)):
+        for on_device in placed:
+            state, metrics = rl_step(state, on_device)
+            history.append(metrics)
+    record = rollout_data.rollout_metrics(episodes, rewards, advantages)
+    record.update(step_samples=float(len(samples)), mini_batches=float(len(placed)),
+                  sampler_logprob_gap=float(np.mean(jax.device_get(gaps))) if gaps else 0.0)
+    if history:
+        record.update(_mean_metrics(history))
+    return state, record
+
+
+def _reference_params(config: ml_collections.ConfigDict, model_cfg: transformer.ModelConfig, mesh: Any,
+                      vocab_size: int, new_tag_ids: Sequence[int]) -> Any:
+    """The policy the run started from (config.init.source), loaded again: a resumed run's state has moved."""
+    _, params = initial_params(config, mesh, vocab_size, new_tag_ids)
+    if params is None:  # scratch: the same key create_state uses
+        params = jax.jit(lambda key: transformer.init_params(model_cfg, key),
+                         out_shardings=param_shardings(model_cfg, mesh))(jax.random.key(int(config.train.seed)))
+    return params
+
+
+def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Trains FC-RL in config.train.workdir until state.step reaches config.train.steps."""
+    validate(config)
+    rl, workdir = config.rl, config.train.workdir
+    if not workdir:
+        raise ConfigError("config key 'train.workdir' is empty; pass --workdir DIR")
+    os.makedirs(workdir, exist_ok=True)
+    total_steps = int(config.train.steps)
+    mesh = make_mesh(config.mesh.to_dict())
+    tok_path = tokenizer_path(config)
+    if not os.path.exists(tok_path):
+        raise ConfigError(f"config key 'tokenizer.path': no tokenizer at {tok_path}; RL needs the tokenizer of the "
+                          f"checkpoint it starts from")
+    tokenizer = load_tokenizer(tok_path)
+    new_tag_ids = tuple(getattr(tokenizer, "new_tag_ids", ()))
+    tasks = iter(rl_pipeline(list(config.data.train_files), batch_size=int(rl.rollout_batch),
+                             group_size=int(rl.group_size), seed=int(config.data.seed),
+                             shuffle=bool(config.data.shuffle), on_bad_record=config.data.on_bad_record))
+    tx = make_optimizer(config.optim, total_steps)
+    manager = checkpoints.make_manager(workdir, int(config.train.keep_ckpts), bool(config.train.async_checkpoint))
+    start = manager.latest_step()
+    if start is not None:
+        meta = checkpoints.restore_meta(manager, start)
+        model_cfg = transformer.ModelConfig.from_dict(meta["model_config"])
+        state = checkpoints.restore(manager, start, abstract_state(model_cfg, tx, mesh), tasks)
+        iteration = int(meta["iteration"])
+        logging.info("resumed rl from %s/%d (iteration %d)", checkpoints.checkpoint_root(workdir), start, iteration)
+    else:
+        start, iteration = 0, 0
+        model_cfg, params = initial_params(config, mesh, tokenizer.vocab_size, new_tag_ids)
+        state = create_state(model_cfg, tx, mesh, rng=jax.random.key(int(config.train.seed)), params=params)
+    room = model_cfg.max_seq_len - int(rl.max_new_tokens)
+    if room < 2:
+        raise ConfigError(f"config key 'rl.max_new_tokens': {rl.max_new_tokens} leaves no room for a prompt in the "
+                          f"model's max_seq_len={model_cfg.max_seq_len}")
+    options = PromptOptions(variant=rl.variant, budget_tokens=int(rl.prompt_budget_tokens) or room - 1,
+                            max_prompt_tokens=room, strict_actions=bool(rl.strict_actions))
+    ref_params = (_reference_params(config, model_cfg, mesh, tokenizer.vocab_size, new_tag_ids)
+                  if float(rl.kl_beta) > 0 else None)
+    rl_step = make_rl_step(config, model_cfg, mesh)
+    token_logprobs = make_token_logprobs(model_cfg, mesh)
+    is_writer = jax.process_index() == 0
+    if is_writer:
+        truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start)
+    writer = MetricsWriter(workdir, enabled=is_writer, purge_step=start + 1 if start else None)
+    meta = {"model_config": model_cfg.to_dict(), "config": json.loads(config.to_json()), "tokenizer": tok_path,
+            "stage": "rl"}
+    record: dict[str, float] = {}
+    step, saved = int(state.step), start
+    try:
+        with EnvPool(env_spec(rl), threads=int(rl.env_threads)) as pool:
+            while step < total_steps:
+                task_batch = _tasks_of(next(tasks), int(rl.group_size))
+                state, record = rl_iteration(state, task_batch, iteration, config=config, model_cfg=model_cfg,
+                                             mesh=mesh, tokenizer=tokenizer, pool=pool, rl_step=rl_step,
+                                             token_logprobs=token_logprobs, ref_params=ref_params, options=options)
+                iteration, step = iteration + 1, int(state.step)
+                record["iteration"] = float(iteration)
+                writer.write(step, record)
+                logging.info("rl iteration %d, step %d: reward %.3f, correct %.3f, format %.3f, loss %.4f", iteration,
+                             step, record["reward"], record["correct"], record["format_adherence"],
+                             record.get("loss", float("nan")))
+                if (iteration % int(config.train.ckpt_every) == 0 or step >= total_steps) and step != saved:
+                    checkpoints.save(manager, step, state, tasks, {**meta, "step": step, "iteration": iteration})
+                    saved = step
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+    return {"step": step, "iteration": iteration, "last_record": record,
+            "checkpoint_dir": checkpoints.checkpoint_root(workdir)}

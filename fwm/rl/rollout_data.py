@@ -1,0 +1,106 @@
+"""Finished episodes of one rollout -> rewards, span advantages, step samples, rl_step mini-batches, metrics.
+
+The link between the episode runner (`fwm.rollout.episodes.run_episodes`, whose `Episode`s record per
+step the prompt and response ids, span ids, sampler log-probs, q_t, keywords, action, observation and
+format flag) and the FC-RL pieces (`fwm.rl.rewards`, `fwm.rl.advantages`, `fwm.rl.batch`). Episodes of
+the same task form an episode group (keyed by task id; a rollout batch holds distinct tasks).
+Everything here is host-side NumPy.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import ml_collections
+import numpy as np
+
+from fwm.rl.advantages import StepAdvantages, span_advantages
+from fwm.rl.batch import StepSample, rl_batch
+from fwm.rl.rewards import EpisodeOutcome, EpisodeRewards, StepOutcome, episode_rewards
+from fwm.rollout.episodes import Episode
+
+
+def episode_outcome(episode: Episode) -> EpisodeOutcome:
+    """The reward inputs of a runner's episode (its steps were parsed by the runner; nothing re-parsed)."""
+    steps = tuple(StepOutcome(action=step.action, observation=step.observation, confidence_q=step.q,
+                              keywords=tuple(step.keywords), format_ok=step.format_ok) for step in episode.steps)
+    record = episode.record
+    return EpisodeOutcome(steps=steps, score=float(record.score), final_answer=record.final_answer,
+                          answers=tuple(record.task.answers))
+
+
+def rollout_advantages(episodes: Sequence[Episode], rl: ml_collections.ConfigDict
+                       ) -> tuple[list[EpisodeRewards], StepAdvantages]:
+    """Every episode's rewards and every step's span advantages, with the `rl` config's choices."""
+    rewards = [episode_rewards(episode_outcome(e), outcome_metric=rl.outcome_metric,
+                               correct_threshold=float(rl.correct_threshold), format_penalty=float(rl.format_penalty),
+                               future_start=rl.future_start, variant=rl.variant) for e in episodes]
+    advantages = span_advantages(rewards, [e.slot.task.id for e in episodes], estimator=rl.advantage,
+                                 eps=float(rl.advantage_eps), omega=float(rl.omega), calib=bool(rl.calib_reward),
+                                 ground=bool(rl.ground_reward))
+    return rewards, advantages
+
+
+def step_samples(episodes: Sequence[Episode], advantages: StepAdvantages) -> list[StepSample]:
+    """One StepSample per step, in the order of `advantages` (episodes in order, steps in order).
+
+    The sampler's raw log-probs (temperature 1) are carried as the rollout policy's; a step without
+    them (a scripted policy) carries zeros, which the loop replaces by recomputed log-probs.
+    """
+    samples = []
+    for n, (i, t) in enumerate(zip(advantages.episode_index_N, advantages.step_index_N)):
+        step = episodes[i].steps[t]
+        logprobs = step.logprobs if step.logprobs is not None else [0.0] * len(step.response_ids)
+        samples.append(StepSample(prompt_ids=step.prompt_ids, response_ids=step.response_ids,
+                                  response_span_ids=step.span_ids, response_logprobs=logprobs,
+                                  world_model_advantage=float(advantages.world_model_N[n]),
+                                  policy_advantage=float(advantages.policy_N[n])))
+    return samples
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def mini_batches(samples: Sequence[StepSample], num_mini_batches: int, rng: np.random.Generator, *,
+                 row_multiple: int, max_seq_len: int, pad_id: int = 0) -> list[dict[str, np.ndarray]]:
+    """The samples shuffled and split into num_mini_batches near-equal mini-batches (fewer if there
+    are fewer samples), each an rl_batch.
+
+    Shapes are bucketed to bound recompiles: rows rounded up to a power of two and to `row_multiple`
+    (the data-parallel size times optim.micro_batches; extra rows are padding), the length to the next
+    power of two of the longest sample (at most max_seq_len).
+    """
+    if not samples:
+        return []
+    order = rng.permutation(len(samples))
+    parts = [part for part in np.array_split(order, min(num_mini_batches, len(samples))) if len(part)]
+    longest = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    seq_len = min(1 << max(0, longest - 1).bit_length(), max_seq_len)
+    rows = _round_up(1 << max(0, max(len(p) for p in parts) - 1).bit_length(), row_multiple)
+    return [rl_batch([samples[k] for k in part], rows=rows, seq_len=seq_len, pad_id=pad_id) for part in parts]
+
+
+def rollout_metrics(episodes: Sequence[Episode], rewards: Sequence[EpisodeRewards],
+                    advantages: StepAdvantages) -> dict[str, float]:
+    """Means over the rollout's episodes (reward, outcome, correct, format adherence, steps, response
+    tokens) and steps (R_calib, R_ground, q, usable confidences, span advantages and their spread)."""
+    def mean(values) -> float:
+        values = np.asarray(list(values), np.float64)
+        return float(values.mean()) if values.size else 0.0
+
+    steps = [step for episode in episodes for step in episode.steps]
+    return {
+        "reward": mean(r.reward for r in rewards),
+        "outcome": mean(r.outcome for r in rewards),
+        "correct": mean(r.correct for r in rewards),
+        "format_adherence": mean(r.format_adherence for r in rewards),
+        "steps_per_episode": mean(len(e.steps) for e in episodes),
+        "response_tokens": mean(len(s.response_ids) for s in steps),
+        "truncated_responses": mean(not s.stopped for s in steps),
+        "r_calib": mean(np.concatenate([r.r_calib_T for r in rewards])) if rewards else 0.0,
+        "r_ground": mean(np.concatenate([r.r_ground_T for r in rewards])) if rewards else 0.0,
+        "q": mean(np.concatenate([r.q_T for r in rewards])) if rewards else 0.0,
+        "confidence_ok": mean(np.concatenate([r.confidence_ok_T for r in rewards])) if rewards else 0.0,
+        "advantage_world_model_abs": mean(np.abs(advantages.world_model_N)),
+        "advantage_policy_abs": mean(np.abs(advantages.policy_N)),
+    }
