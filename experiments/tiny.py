@@ -39,7 +39,6 @@ def get_config(arg=None):
     config.train.log_every = 5
     config.train.ckpt_every = 20
     config.train.eval_every = 20
-    config.train.eval_batches = 2
     config.train.keep_ckpts = 2
     if "runlocal" in variants:
         config.train.steps = 8

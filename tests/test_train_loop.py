@@ -16,11 +16,15 @@ import pytest
 
 from fwm.model.checkpoint import load_meta
 from fwm.train import inputs, loop
-from fwm.train.metrics import read_jsonl
+from fwm.files import read_jsonl as read_jsonl_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "experiments", "tiny.py")
 STEPS = 60
+
+
+def read_jsonl(path):
+    return [row for _, row in read_jsonl_lines(path)]
 
 
 def _tiny_config(arg=None):
