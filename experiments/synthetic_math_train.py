@@ -21,6 +21,4 @@ def get_config(arg=None):
     search = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(search)
     config = search.get_config(arg, where="experiments/synthetic_math_train.py")
-    # Arithmetic steps are short (a python expression and its printed value): shorter SFT rows suffice.
-    config.data.seq_len = min(config.data.seq_len, 256 if config.stage == "sft" else config.data.seq_len)
     return config

@@ -50,10 +50,12 @@ def get_config(arg=None, where="experiments/synthetic_search_train.py"):
     config = default_config()
     config.stage, config.data.corpus, config.train.epochs = STAGES[chosen[0]]
     # data.manifest: the `fwm data` workdir, given on the command line (--config.data.manifest=DIR).
-    config.data.seq_len = 512 if config.stage == "sft" else 256
+    # SFT prompts hold up to the data config's prompt_budget (1024 tokens) of history; longer samples lose
+    # their oldest prompt tokens (the share is logged as truncated_share).
+    config.data.seq_len = 1024 if config.stage == "sft" else 256
     config.data.batch_size = 16
     config.model.update(dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=344,
-                             max_seq_len=512))
+                             max_seq_len=1024))
     config.tokenizer.train.vocab_size = 1024  # only used when the manifest names no tokenizer (stage 0 trains one)
     config.optim.lr = 3e-3 if config.stage == "pretrain" else 1e-3
     config.optim.warmup_steps = 20
@@ -63,9 +65,9 @@ def get_config(arg=None, where="experiments/synthetic_search_train.py"):
     config.train.eval_every = 200
     config.train.keep_ckpts = 2
     if "runlocal" in variants:
-        config.data.seq_len = 256 if config.stage == "sft" else 128
+        config.data.seq_len = 512 if config.stage == "sft" else 128
         config.data.batch_size = 8
-        config.model.update(dict(hidden_size=64, num_layers=2, head_dim=16, mlp_dim=172, max_seq_len=256))
+        config.model.update(dict(hidden_size=64, num_layers=2, head_dim=16, mlp_dim=172, max_seq_len=512))
         config.tokenizer.train.vocab_size = 512
         config.optim.warmup_steps = 2
         config.train.epochs = min(config.train.epochs, 1.0)

@@ -24,7 +24,7 @@ def get_config(arg=None):
     kind = "sft" if config.stage == "sft" else "lm"
     config.data.train_files = (os.path.join(DATA, f"{kind}_train.jsonl"),)
     config.data.eval_files = (os.path.join(DATA, f"{kind}_eval.jsonl"),)
-    config.data.seq_len = 64 if kind == "lm" else 128
+    config.data.seq_len = 64 if kind == "lm" else 160  # SFT samples are 138-152 tokens: none truncated
     config.data.batch_size = 8
 
     config.tokenizer.train.vocab_size = 512

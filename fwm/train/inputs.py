@@ -116,7 +116,8 @@ def tokenizer_fingerprint(path: str) -> str:
     """sha256 over the tokenizer's defining files (names and bytes): equal iff the ids are equal."""
     digest = hashlib.sha256()
     for file in _tokenizer_files(path):
-        digest.update(os.path.basename(file).encode() + b"\0")
+        if os.path.isdir(path):  # a file's name is not part of it (copies are renamed); a directory's files' are
+            digest.update(os.path.basename(file).encode() + b"\0")
         with open(file, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()
