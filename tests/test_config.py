@@ -36,6 +36,10 @@ def test_defaults_and_experiment_variants_validate():
     ("model", "hiden_size", "hidden_size"),
     ("tokenizer.train", "vocab_sise", "vocab_size"),
     ("", "stag", "stage"),
+    ("optim", "learning_rate", "lr"),        # an alias: difflib alone says 'min_lr_ratio'
+    ("optim", "max_grad_norm", "clip_norm"),
+    ("data", "batchsize", "batch_size"),
+    ("train", "num_epochs", "epochs"),
 ])
 def test_unknown_key_names_full_path_and_nearest(path, typo, nearest):
     config = config_lib.default_config()
