@@ -37,4 +37,6 @@ def get_config(arg=None):
         config.collect.episodes_per_task = 1
         config.blocks.mc_k = 4
         config.corpora.eval_fraction = 0.1
+        config.corpora.pretrain_phrasings = 4
+        config.tokenizer.vocab_size = 512
     return config

@@ -138,6 +138,15 @@ def render_action(action: Action) -> str:
     return f"<{ACTION}><{action.kind}>{argument}</{action.kind}></{ACTION}>"
 
 
+def check_confidence(confidence: object) -> int:
+    """A written confidence as an int in [0, 100] (ints and numpy ints; not bools, floats or text); ValueError
+    otherwise. The one check for confidences that code produces (block writers, rendering); model output
+    is read by parse_confidence, which never raises."""
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, np.integer)) or not 0 <= confidence <= 100:
+        raise ValueError(f"confidence must be an int in [0, 100], got {confidence!r}")
+    return int(confidence)
+
+
 def render_world_model(block: WorldModelBlock, with_confidence: bool) -> str:
     """The world-model span; with_confidence=False leaves out <confidence> (state variant)."""
     keywords = []
@@ -151,10 +160,7 @@ def render_world_model(block: WorldModelBlock, with_confidence: bool) -> str:
             f"<{KEYWORD}>{KEYWORD_SEPARATOR.join(keywords)}</{KEYWORD}>"
             f"<{ANALYSIS}>{_clean('analysis', block.analysis)}</{ANALYSIS}>")
     if with_confidence:
-        confidence = block.confidence
-        if isinstance(confidence, bool) or not isinstance(confidence, (int, np.integer)) or not 0 <= confidence <= 100:
-            raise ValueError(f"the full variant needs an int confidence in [0, 100], got {confidence!r}")
-        text += f"<{CONFIDENCE}>{int(confidence)}</{CONFIDENCE}>"
+        text += f"<{CONFIDENCE}>{check_confidence(block.confidence)}</{CONFIDENCE}>"
     return text
 
 

@@ -37,7 +37,7 @@ def _files(workdir):
     for directory, _, names in os.walk(workdir):
         for name in names:
             path = os.path.join(directory, name)
-            if name not in ("stage.json", "stats.json") and "bm25" not in directory:
+            if not name.endswith("stage.json") and name != "stats.json" and "bm25" not in directory:
                 out[os.path.relpath(path, workdir)] = open(path, "rb").read()
     return out
 
@@ -53,21 +53,29 @@ def search_run(tmp_path_factory):
 def test_fwm_data_prints_and_writes_its_statistics(search_run):
     workdir, done = search_run
     stats = json.load(open(os.path.join(workdir, "stats.json")))
-    assert stats["stages"] == {"world": "ran", "collect": "ran", "blocks": "ran", "corpora": "ran"}
+    assert stats["stages"] == {"world": "ran", "collect": "ran", "blocks": "ran", "tokenizer": "ran", "corpora": "ran"}
     for line in ("trajectories mid_train noisy", "trajectories sft       oracle", "Monte Carlo K=4",
-                 "tokens counted as whitespace words", "0 rejected (0 for spoilers)", "mid_train_wm"):
+                 "confidence Q(s_t, a_t)", "erring steps", "AUROC", "history cut in",
+                 f"tokens counted as tokens of {workdir}/tokenizer.model", "0 rejected (0 for spoilers)", "mid_train_wm"):
         assert line in done.stdout, done.stdout
     assert "collect mid_train" in done.stderr  # the tqdm bar
     rates = {policy: s["success_rate"] for policy, s in stats["collect"]["mid_train"].items()}
     assert rates["oracle"] == 1.0 and 0.3 < rates["noisy"] < 1.0 and rates["random"] < 0.2
     assert stats["blocks"]["mc_k"] == 4 and stats["blocks"]["blocks_written"] == stats["blocks"]["annotated_steps"] > 0
     assert stats["blocks"]["spoiler_rejections"] == 0
+    q = stats["blocks"]["q_vs_outcome"]  # q after a_t tells erring steps from the rest
+    assert q["erring_steps"] > 0 and q["mean_q_erring"] < q["mean_q_other"] and q["auroc"] > 0.6
+    blocks = [json.loads(line) for line in open(os.path.join(workdir, "blocks", "blocks.jsonl"))]
+    assert {b["confidence_kind"] for b in blocks} == {"q"} and all(isinstance(b["erring"], bool) for b in blocks)
     summary = stats["corpora"]
     assert set(summary["corpora"]) == set(CORPORA)
     for name, entry in summary["corpora"].items():  # the statistics describe the files
         with open(os.path.join(workdir, "corpora", entry["path"])) as f:
             assert sum(1 for _ in f) == entry["records"] > 0, name
     assert summary["sft_steps"] < summary["mid_train_steps"]
+    manifest = json.load(open(os.path.join(workdir, "corpora", "manifest.json")))  # training stages find the tokenizer
+    assert manifest["tokenizer"] == "../tokenizer.model" and os.path.isfile(os.path.join(workdir, "tokenizer.model"))
+    assert manifest["corpora"]["pretrain"]["eval_records"] > 0
     with open(os.path.join(workdir, "trajectories", "mid_train.jsonl")) as f:
         assert sum(1 for _ in f) == sum(s["trajectories"] for s in stats["collect"]["mid_train"].values())
 
@@ -77,12 +85,12 @@ def test_rerun_skips_finished_stages_and_redoes_changed_ones(search_run):
     before = {path: os.stat(os.path.join(workdir, path)).st_mtime_ns for path in _files(workdir)}
     again = _fwm("data", "--config", f"{SEARCH}:runlocal", "--workdir", workdir)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "stages: world skipped, collect skipped, blocks skipped, corpora skipped" in again.stdout
+    assert "stages: world skipped, collect skipped, blocks skipped, tokenizer skipped, corpora skipped" in again.stdout
     assert again.stdout.splitlines()[2:] == first.stdout.splitlines()[2:]  # same statistics
     assert {path: os.stat(os.path.join(workdir, path)).st_mtime_ns for path in _files(workdir)} == before
     changed = _fwm("data", "--config", f"{SEARCH}:runlocal", "--workdir", workdir, "--config.corpora.eval_fraction=0.3")
     assert changed.returncode == 0, changed.stderr[-3000:]
-    assert "stages: world skipped, collect skipped, blocks skipped, corpora ran" in changed.stdout
+    assert "stages: world skipped, collect skipped, blocks skipped, tokenizer skipped, corpora ran" in changed.stdout
     stats = json.load(open(os.path.join(workdir, "stats.json")))
     assert stats["corpora"]["corpora"]["mid_train_plain"]["eval_records"] > 0
 

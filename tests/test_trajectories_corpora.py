@@ -1,6 +1,7 @@
 """Stage corpora: record formats, which tokens each variant trains (real SentencePiece tokenizer through
 fwm.data.features), the plain/WM-AMT difference being only the blocks, SFT variants on the same steps,
 determinism for a seed."""
+import dataclasses
 import json
 import os
 
@@ -43,7 +44,7 @@ def material(tmp_path_factory):
 
 def _build(directory, material, seed=0, eval_fraction=0.2):
     mid, _, sft, block_map = material
-    options = corpora.CorpusOptions(seed=seed, eval_fraction=eval_fraction, prompt_budget=300)
+    options = corpora.CorpusOptions(seed=seed, eval_fraction=eval_fraction, sft_max_tokens=300)
     return corpora.build_corpora(str(directory), mid, sft, block_map, options)
 
 
@@ -94,6 +95,9 @@ def test_every_record_validates_and_the_manifest_says_how_to_train_it(built):
             assert {row["variant"] for row in rows} == {entry["variant"]}
     assert summary["corpora"]["iwm"]["trained_roles"] == ["observation"]
     assert summary["corpora"]["mid_train_plain"]["trained_roles"] == list(features.DEFAULT_TRAINED_ROLES)
+    for name, entry in summary["corpora"].items():  # every LM record says what it trains, as its manifest entry
+        if entry["stage"] == "lm":
+            assert all(row["trained_roles"] == entry["trained_roles"] for row in _read(directory, name)), name
 
 
 def test_plain_mid_training_trains_actions_never_observations(built, tokenizer):
@@ -134,8 +138,9 @@ def test_iwm_trains_exactly_the_next_observation(built, tokenizer):
     rows = _read(directory, "iwm")
     for row in rows:
         roles = [s["role"] for s in row["segments"]]
-        assert roles == ["prompt", "action", "observation"]
-        example = features.lm_example(records.validate_lm(row), tokenizer, trained_roles=corpora.IWM_TRAINED_ROLES)
+        assert roles == ["prompt", "policy", "action", "observation"]  # state s_t, think, a_t, o_t
+        assert row["trained_roles"] == ["observation"]
+        example = features.lm_example(records.validate_lm(row), tokenizer, trained_roles=row["trained_roles"])
         assert tokenizer.decode(_trained(example).tolist()) == row["segments"][-1]["text"]
         assert tokenizer.tag_ids["<action>"] not in _trained(example)
     # the prompt holds the whole earlier trajectory: a step's prompt extends the previous step's
@@ -144,6 +149,7 @@ def test_iwm_trains_exactly_the_next_observation(built, tokenizer):
     for first, second in pairs:
         earlier = "".join(segment["text"] for segment in first["segments"])
         assert second["segments"][0]["text"].startswith(earlier)
+        assert "<think>" not in second["segments"][0]["text"][len(earlier):]  # no step between the two
 
 
 def test_sft_variants_hold_the_same_steps_with_their_spans(built, tokenizer):
@@ -165,9 +171,30 @@ def test_sft_variants_hold_the_same_steps_with_their_spans(built, tokenizer):
             assert (tags["<confidence>"] in trained) == (variant == schema.FULL)
     count, name = corpora.make_token_counter(tokenizer.path)
     assert name.startswith("tokens of") and count(rows[0]["prompt"]) == len(tokenizer.encode(rows[0]["prompt"]))
-    # the history in the prompt is cut to the budget (300 whitespace words here), never the question
+    # the history in the prompt is cut to the budget (300 whitespace words here, BOS + prompt + response +
+    # EOS), never the question
     cut = [r for r in by_variant["full"] if "oldest omitted" in r["prompt"]]
-    assert cut and all("Question:" in r["prompt"] and len(r["prompt"].split()) <= 300 for r in cut)
+    assert cut and all("Question:" in r["prompt"] and len(r["prompt"].split()) + len(r["response"].split()) + 2 <= 300
+                       for r in cut)
+
+
+def test_sft_samples_fit_the_token_budget_and_cuts_are_counted(material, tokenizer, tmp_path):
+    """With the tokenizer the trainer uses, every sample's BOS + prompt + response + EOS fits sft_max_tokens (so
+    sft_example cuts nothing from the question); samples whose history had to go are counted, and so are samples
+    that cannot fit even without history."""
+    mid, _, sft, block_map = material
+    options = corpora.CorpusOptions(eval_fraction=0.0, sft_max_tokens=900, tokenizer_path=tokenizer.path)
+    summary = corpora.build_corpora(str(tmp_path), mid[:2], sft, block_map, options)
+    rows = _read(tmp_path, "sft_full")
+    lengths = [len(tokenizer.encode(r["prompt"])) + len(tokenizer.encode(r["response"])) + 2 for r in rows]
+    cut = sum("oldest omitted" in r["prompt"] for r in rows)
+    entry = summary["corpora"]["sft_full"]
+    assert 0 < cut < len(rows) and entry["history_cut"] == cut and entry["over_max_tokens"] == 0
+    assert max(lengths) <= 900 and entry["tokens"] == sum(lengths)
+    tight = corpora.build_corpora(str(tmp_path / "tight"), mid[:2], sft, block_map,
+                                  dataclasses.replace(options, sft_max_tokens=450))
+    assert tight["corpora"]["sft_full"]["over_max_tokens"] > 0  # instruction and question alone take ~370 tokens
+    assert tight["tokenizer"] == os.path.relpath(tokenizer.path, str(tmp_path / "tight"))
 
 
 def test_corpora_are_deterministic_for_a_seed(material, built, tmp_path):
@@ -202,3 +229,25 @@ def test_malformed_trajectories_are_skipped_and_counted(material, tmp_path):
                                     corpora.CorpusOptions(eval_fraction=0.0))
     assert summary["skipped_trajectories"]["mid_train"] == 1
     assert summary["corpora"]["mid_train_plain"]["records"] == len(mid)
+
+
+
+def test_pretraining_corpus_states_every_fact_in_several_phrasings():
+    assert corpora.fact_phrasings("Ava Lin", "mentored_by", "Bo Reyes") == (
+        "Ava Lin was mentored by Bo Reyes.", "The mentor of Ava Lin is Bo Reyes.", "Bo Reyes is the mentor of Ava Lin.",
+        "Who is the mentor of Ava Lin? Bo Reyes.")
+    assert corpora.fact_phrasings("Orbix Labs", "headquartered_in", "Velmora")[3] == \
+        "What is the city where Orbix Labs is headquartered? Velmora."
+    world = generate_knowledge_world(SMALL, seed=8)
+    documents = [{"id": doc.id, "text": doc.contents} for doc in world.documents]
+    facts = [(e.name, relation, world.entity(o).name) for e in world.entities for relation, o in e.relations]
+    built = corpora.pretrain_records(documents, facts, 5, seed=0)
+    assert built == corpora.pretrain_records(documents, facts, 5, seed=0)
+    assert len(built) == 5 * len(documents) and [r["text"] for r in built[::5]] == [d["text"] for d in documents]
+    text = "\n".join(r["text"] for r in built)
+    for fact in facts:  # each fact in at least three of the four phrasings (subject's and object's paraphrases)
+        assert sum(phrasing in text for phrasing in corpora.fact_phrasings(*fact)) >= 3, fact
+    assert all(r["trained_roles"] == list(features.DEFAULT_TRAINED_ROLES) for r in built)
+    for record in built:
+        records.validate_lm(record)
+    assert len(text.split()) > 5 * sum(len(d["text"].split()) for d in documents) / 2

@@ -1,4 +1,5 @@
 """The teacher-LLM block writer against a real local chat-completions server with scripted replies."""
+import dataclasses
 import json
 import os
 import random
@@ -14,7 +15,7 @@ from fwm.envs.base import Task
 from fwm.schema import Action, render_world_model
 from fwm.trajectories.spoilers import BlockRejected, StepContext, spoiler_terms
 from fwm.trajectories.teacher import (SYSTEM_PROMPT, TeacherBlockWriter, TeacherError, block_from_reply,
-                                      check_confidence)
+                                      check_confidence, ground_keywords)
 from local_http import LocalJSONServer
 
 TASK = Task(id="knowledge-train-00007", question="Where was the founder of Orbix Labs born?", answers=("Velmora",),
@@ -106,7 +107,8 @@ def test_a_good_reply_becomes_a_block_with_the_given_confidence(server, tmp_path
     server.script = [GOOD]
     writer = make_writer(server, tmp_path, api_key_env="FWM_TEST_TEACHER_KEY", temperature=0.3, max_tokens=300)
     block = writer(CONTEXT, 73, FORBIDDEN)
-    assert block.confidence == 73 and block.keywords == ["Orbix Labs", "founded by", "founder"]
+    # "founder" occurs nowhere in what follows the search ("founded by" does): dropped and counted
+    assert block.confidence == 73 and block.keywords == ["Orbix Labs", "founded by"]
     assert block.roadmap.startswith("Search Orbix Labs to find [the founder]") and block.analysis.endswith("born.")
     assert render_world_model(block, with_confidence=True).endswith("<confidence>73</confidence>")
     [(headers, body, path)] = server.requests
@@ -121,7 +123,8 @@ def test_a_good_reply_becomes_a_block_with_the_given_confidence(server, tmp_path
     assert 'Forbidden terms (the agent has not seen them; use placeholders instead): "Ada Quill"; "Velmora"' in text
     assert "Final score of the episode: 1 " in text and "73" not in text  # no confidence asked
     assert writer.stats.as_dict() == dict(blocks=1, requests=1, cache_hits=0, corrupt_cache_entries=0, retries=0,
-                                          http_failures=0, malformed_replies=0, spoiler_replies=0, rejections=0)
+                                          http_failures=0, malformed_replies=0, spoiler_replies=0, rejections=0,
+                                          ungrounded_keywords=1, ungrounded_replies=0)
     assert "sk-test-123" not in repr(writer)
 
 
@@ -129,9 +132,16 @@ def test_later_steps_show_the_visible_history_and_allow_seen_names(server, tmp_p
     context = context_at(1)
     forbidden = spoiler_terms(context)
     assert forbidden == ["Velmora"]
-    server.script = [GOOD.replace("[the founder]", "Ada Quill")]  # seen in step 1's observation: allowed
+    seen = GOOD.replace("[the founder]", "Ada Quill")  # seen in step 1's observation: allowed
+    # Nothing after step 2's search mentions Orbix Labs or founders: no keyword is grounded, so the reply is
+    # retried; the second one's keywords occur in step 2's observation.
+    grounded = seen.replace("Orbix Labs; founded by; founder", "Ada Quill; born in; Orbix Labs")
+    server.script = [seen, grounded]
     writer = make_writer(server, tmp_path, cache_dir="")
-    assert "Ada Quill" in writer(context, 40, forbidden).roadmap
+    block = writer(context, 40, forbidden)
+    assert "Ada Quill" in block.roadmap and block.keywords == ["Ada Quill", "born in"]
+    assert (writer.stats.ungrounded_replies, writer.stats.ungrounded_keywords, writer.stats.retries) == (1, 1, 1)
+    assert "no keyword occurs in what follows" in server.requests[1][1]["messages"][3]["content"]
     text = server.requests[0][1]["messages"][1]["content"]
     assert "What the agent has seen (steps 1 to 1):\nStep 1 action: search: founder of Orbix Labs" in text
     assert "Step 2 action (the action right after your block): search: Ada Quill birthplace" in text
@@ -296,7 +306,7 @@ def test_a_corrupt_cache_entry_is_a_miss_and_is_overwritten(server, tmp_path, co
     path.parent.mkdir(parents=True)
     path.write_text(content.replace("%s", key), encoding="latin-1")
     server.script = [GOOD]
-    assert writer(CONTEXT, 50, FORBIDDEN).keywords == ["Orbix Labs", "founded by", "founder"]
+    assert writer(CONTEXT, 50, FORBIDDEN).keywords == ["Orbix Labs", "founded by"]
     assert len(server.requests) == 1 and writer.stats.corrupt_cache_entries == 1 and writer.stats.cache_hits == 0
     assert json.loads(path.read_text())["reply"] == GOOD and cache_files(tmp_path) == [f"{key[:2]}/{key}.json"]
     assert writer(CONTEXT, 50, FORBIDDEN) and writer.stats.cache_hits == 1
@@ -357,3 +367,14 @@ def test_from_config_takes_the_constructor_arguments_and_names_unknown_keys(serv
 def test_a_confidence_outside_0_to_100_is_the_callers_error(confidence):
     with pytest.raises(ValueError, match="confidence must be an int in"):
         check_confidence(confidence)
+
+
+def test_teacher_keywords_pass_the_rule_writers_grounding_test():
+    """Keywords are kept only if found in what follows a_t (future.what_follows); where nothing follows (the final
+    answer) the block keeps none, as the rule writer's; the looser start="action" counts a_t's own text."""
+    block = block_from_reply(GOOD.replace("Orbix Labs; founded by; founder", "Velmora; founded by"), 10)
+    assert ground_keywords(block, context_at(2), "observation") == (dataclasses.replace(block, keywords=[]), 2)
+    assert ground_keywords(block, context_at(2), "action")[0].keywords == ["Velmora"]
+    assert ground_keywords(block, context_at(0), "observation")[0].keywords == ["Velmora", "founded by"]
+    with pytest.raises(BlockRejected, match="no keyword occurs in what follows"):
+        ground_keywords(dataclasses.replace(block, keywords=["founder"]), context_at(1), "observation")

@@ -27,7 +27,8 @@ MAX_RETRIES = 2  # three tries per step
 
 # A generic block: placeholders only, so it can spoil no step.
 ROADMAP = "Search for [the next entity]; then follow [the next link] to [the final answer]; answer it."
-GOOD = (f"<imaginary>{ROADMAP}</imaginary><keyword>search; answer</keyword>"
+# "Doc" is in every search result (grounded wherever a search follows), "nowhere" in nothing (always dropped).
+GOOD = (f"<imaginary>{ROADMAP}</imaginary><keyword>Doc; nowhere</keyword>"
         "<analysis>Known: the question. Missing: [the next entity] and [the final answer].</analysis>")
 MALFORMED = "Sure! " + GOOD  # text outside the tags
 
@@ -135,7 +136,11 @@ def test_teacher_counters_match_what_the_server_saw(teacher_run):
     assert t == dict(blocks=b["blocks_written"], requests=len(log), cache_hits=0, corrupt_cache_entries=0,
                      retries=len(log) - len(steps), http_failures=kinds["http503"],
                      malformed_replies=kinds["malformed"], spoiler_replies=kinds["leak"],
-                     rejections=len(rejected_steps))
+                     rejections=len(rejected_steps), ungrounded_keywords=sum(
+                         2 - len(row["block"]["keywords"]) for row in rows if row["block"] is not None),
+                     ungrounded_replies=0)
+    kept = [row["block"]["keywords"] for row in rows if row["block"] is not None]
+    assert set(map(tuple, kept)) == {(), ("Doc",)}  # nothing follows a final answer: no keyword is grounded
     assert b["rejections"] == len(rejected_steps) == sum(row["rejection"] is not None for row in rows)
     leaked_to_the_end = [m for m in rejected_steps if steps[m][-1] == "leak"]
     assert leaked_to_the_end and b["spoiler_rejections"] == len(leaked_to_the_end)
@@ -186,7 +191,8 @@ def test_a_rerun_takes_every_accepted_block_from_the_cache(teacher_run, tmp_path
     config.blocks.teacher.timeout_s = 9.0
     seen = len(server.log)
     stats = pipeline.run(config)
-    assert stats["stages"] == {"world": "skipped", "collect": "skipped", "blocks": "ran", "corpora": "ran"}
+    assert stats["stages"] == {"world": "skipped", "collect": "skipped", "blocks": "ran", "tokenizer": "ran",
+                              "corpora": "ran"}
     new_kinds, new_steps = _tally(server.log[seen:])
     _, old_steps = _tally(teacher_run["log"])
     rejected_before = {m for m, served in old_steps.items() if "good" not in served}
@@ -200,5 +206,6 @@ def test_a_rerun_takes_every_accepted_block_from_the_cache(teacher_run, tmp_path
     config.corpora.eval_fraction = 0.3
     seen = len(server.log)
     again = pipeline.run(config)
-    assert again["stages"] == {"world": "skipped", "collect": "skipped", "blocks": "skipped", "corpora": "ran"}
+    assert again["stages"] == {"world": "skipped", "collect": "skipped", "blocks": "skipped", "tokenizer": "skipped",
+                               "corpora": "ran"}
     assert len(server.log) == seen and again["blocks"]["teacher"] == t

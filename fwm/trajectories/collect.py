@@ -1,5 +1,10 @@
 """Episode collection: run behaviour policies over many tasks in parallel and write raw trajectories.
 
+Workers die with their parent: each sets PR_SET_PDEATHSIG (Linux) in its initializer, so a parent killed
+with SIGKILL leaves no worker behind (and multiprocessing's resource tracker, which waits for every holder
+of its pipe, exits once they are gone). Progress is a tqdm bar on a terminal and plain log lines otherwise
+(a bar's redraws would fill a log file).
+
 Every episode draws its randomness from its own seed, `derive_seed(seed, "collect", split, policy,
 task id, episode)`, so the trajectories are a function of the seed alone, whatever the number of
 workers. Work is cut into contiguous chunks (one env per chunk, built in the worker from an
@@ -15,15 +20,19 @@ A trajectory row is `EpisodeRecord.to_dict()` plus "id", "split", "policy", "epi
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+import time
+from typing import Any, Callable, Mapping, Sequence, TextIO, TypeVar
 
 import numpy as np
+from absl import logging
 from tqdm import tqdm
 
 from fwm.envs.base import EpisodeRecord, Task, ToolEnv
@@ -200,21 +209,24 @@ def map_chunks(function: Callable[[Any, Sequence[Item]], list[Result]], job: Any
     """`function(job, chunk)` over contiguous chunks of `items`, concatenated in input order.
 
     workers 0 runs in this process; otherwise a pool of that many spawned processes (`function` and
-    `job` must pickle). A tqdm bar counts finished items.
+    `job` must pickle), which die with this process (`worker_init`). Progress counts finished items
+    (`Progress`).
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     chunks = [list(items[i:i + chunk_size]) for i in range(0, len(items), chunk_size)]
     results: list[list[Result] | None] = [None] * len(chunks)
-    with tqdm(total=len(items), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True) as bar:
+    with Progress(len(items), desc, unit, enabled=progress) as bar:
         if workers <= 0 or len(chunks) <= 1:
             for i, chunk in enumerate(chunks):
                 results[i] = function(job, chunk)
                 bar.update(len(chunk))
         else:
             context = multiprocessing.get_context("spawn")
+            # Workers are started by submit() in this thread, whose exit (with the process) is what
+            # PR_SET_PDEATHSIG watches; the pool does not outlive this call.
             with concurrent.futures.ProcessPoolExecutor(min(workers, len(chunks)), mp_context=context,
-                                                        initializer=cpu_only_jax) as pool:
+                                                        initializer=worker_init, initargs=(os.getpid(),)) as pool:
                 futures = {pool.submit(function, job, chunk): i for i, chunk in enumerate(chunks)}
                 for future in concurrent.futures.as_completed(futures):
                     i = futures[future]
@@ -227,6 +239,64 @@ def map_chunks(function: Callable[[Any, Sequence[Item]], list[Result]], job: Any
                                f"{None if chunk_results is None else len(chunk_results)} results")
         out.extend(chunk_results)
     return out
+
+
+class Progress:
+    """Counts finished items: a tqdm bar when `stream` is a terminal, else a plain log line at most every
+    `every_s` seconds and one at the end; nothing when disabled."""
+
+    def __init__(self, total: int, desc: str, unit: str, *, enabled: bool = True, stream: TextIO | None = None,
+                 every_s: float = 10.0):
+        stream = sys.stderr if stream is None else stream
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.enabled = enabled
+        self.done = 0
+        self._bar = tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=stream) \
+            if enabled and stream.isatty() else None
+        self._start = self._last = time.monotonic()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self.enabled and time.monotonic() - self._last >= self.every_s:
+            self._log()
+
+    def _log(self) -> None:
+        self._last = time.monotonic()
+        elapsed = self._last - self._start
+        units = self.unit[:-1] + "ies" if self.unit.endswith("y") else self.unit + "s"
+        logging.info("%s: %d/%d %s (%.0f%%) in %.1f s", self.desc, self.done, self.total, units,
+                     100.0 * self.done / max(self.total, 1), elapsed)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self.enabled and exc_info[0] is None:
+            self._log()
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def worker_init(parent_pid: int) -> None:
+    """A pool worker's initializer: die with the parent, keep jax on the CPU.
+
+    PR_SET_PDEATHSIG(SIGKILL) makes the kernel kill this process when its parent exits, however the parent
+    dies (SIGKILL included, where no cleanup of the parent runs). The parent may already be gone by the time
+    this runs (the worker was still importing): then the worker has been re-parented and exits at once.
+    Elsewhere than Linux there is no such call, and workers end when their next read of the call queue fails.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        os._exit(1)
+    cpu_only_jax()
 
 
 def cpu_only_jax() -> None:

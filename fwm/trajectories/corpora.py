@@ -1,6 +1,8 @@
 """Stage corpora from raw trajectories and their world-model blocks, in the fwm.data.records formats.
 
-LM records (`{"id", "segments": [{"role", "text"}]}`), one per trajectory:
+Every LM record carries the roles it trains, `"trained_roles": [...]` (the data pipeline uses it when the
+training config does not set data.trained_roles); the manifest repeats it per corpus.
+LM records (`{"id", "segments": [{"role", "text"}], "trained_roles"}`), one per trajectory:
 - plain mid-training (`mid_train_plain`): prompt "Question: q\\n", then per step a policy segment
   `<think>..</think>`, an action segment `<action>..</action>` and, after a tool call, an observation
   segment "\\n<information>..</information>\\n" (or <output>). Trained with the default
@@ -8,13 +10,21 @@ LM records (`{"id", "segments": [{"role", "text"}]}`), one per trajectory:
 - WM-AMT (`mid_train_wm`): the same text with a world_model segment (the full block, with confidence)
   before the policy segment at the steps chosen by `wm_steps` (a seeded share of the steps); a step
   whose block was rejected keeps no block. Nothing else differs from the plain corpus.
-- IWM (`iwm`), one record per tool step: everything up to and including the step's <think> as
-  prompt, the action, then the observation it got. Train it with data.trained_roles=("observation",)
-  so that only the next observation is a target (the manifest says so for each corpus).
+- IWM (`iwm`), one record per tool step, -log p(o_t | s_t, a_t): the state s_t (question and every earlier
+  step) as a prompt segment, the step's <think> as policy, the action a_t as action, then the observation
+  it got; trained_roles ["observation"], so only the next observation is a target.
+- pretraining (`pretrain`, search world): each entity's document as the world wrote it, plus
+  `pretrain_phrasings - 1` paraphrases of it (`pretrain_records`): its facts, outgoing and incoming, each
+  in one of the FACT_PHRASINGS of fwm.envs.synthetic.knowledge's relation sentence and noun phrase, in a
+  seeded order. LM records of extra files are split into NAME / NAME_eval by record id.
 SFT records (`{"id", "prompt", "response", "variant"}`), one per step of the SFT trajectories, in the
-plain, state and full variants: prompt from schema.render_prompt (history truncated to a budget),
-response from schema.render_response. Only trajectories with a block at every step are used, so the
-three variants hold the same steps.
+plain, state and full variants: prompt from schema.render_prompt, response from schema.render_response.
+Each sample is fitted to `sft_max_tokens` tokens (BOS + prompt + response + EOS, as fwm.data.features.
+sft_example lays it out): the prompt's budget is what the response leaves, and render_prompt drops the
+oldest steps of the history to meet it (never the question). Samples whose history was cut, and samples
+that exceed sft_max_tokens even without history (sft_example would then cut the prompt from the left),
+are counted in the manifest. Only trajectories with a block at every step are used, so the three
+variants hold the same steps.
 The `<think>` text is a fixed sentence derived from the action alone (the behaviour policies do not
 reason in words); it says nothing the action does not.
 
@@ -31,6 +41,7 @@ import numpy as np
 
 from fwm.data.features import DEFAULT_TRAINED_ROLES
 from fwm.envs.jsonl import write_json, write_jsonl
+from fwm.envs.synthetic.knowledge import RELATION_BY_NAME
 from fwm.schema import (ANSWER, OBSERVATION_TAG_FOR_ACTION, VARIANTS, Action, StepResponse, WorldModelBlock,
                         neutralize_tags, render_action, render_observation, render_prompt,
                         render_response, render_world_model)
@@ -38,6 +49,10 @@ from fwm.trajectories.collect import derive_seed, succeeded
 
 IWM_TRAINED_ROLES = ("observation",)
 Segment = tuple[str, str]
+Fact = tuple[str, str, str]  # (subject name, relation name, object name)
+FACT_PHRASINGS = ("sentence", "phrase", "object_first", "question")
+# BOS and EOS around every sample (fwm.data.features adds both by default).
+SPECIAL_TOKENS_PER_SAMPLE = 2
 
 
 # ------------------------------------------------------------------------------------------ selection
@@ -103,8 +118,10 @@ def _actions(row: Mapping[str, Any]) -> list[Action]:
     return [Action(kind=action["kind"], argument=action["argument"]) for action in row["actions"]]
 
 
-def _lm_record(record_id: str, segments: Iterable[Segment]) -> dict[str, Any]:
-    return {"id": record_id, "segments": [{"role": role, "text": text} for role, text in segments]}
+def lm_record(record_id: str, segments: Iterable[Segment], trained_roles: Sequence[str]) -> dict[str, Any]:
+    """An LM record that says which of its roles are targets."""
+    return {"id": record_id, "segments": [{"role": role, "text": text} for role, text in segments],
+            "trained_roles": list(trained_roles)}
 
 
 def trajectory_lm_record(row: Mapping[str, Any], blocks: Mapping[int, WorldModelBlock]) -> dict[str, Any]:
@@ -112,41 +129,124 @@ def trajectory_lm_record(row: Mapping[str, Any], blocks: Mapping[int, WorldModel
     segments = [("prompt", question_text(row["task"]["question"]))]
     for step, (action, observation) in enumerate(zip(_actions(row), row["observations"])):
         segments += step_segments(action, observation, blocks.get(step))
-    return _lm_record(row["id"], segments)
+    return lm_record(row["id"], segments, DEFAULT_TRAINED_ROLES)
 
 
 def iwm_lm_records(row: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One record per tool step: (question, earlier steps, this step's think) -> action -> observation."""
+    """One record per tool step: state s_t (prompt) -> think (policy) -> a_t (action) -> o_t (observation)."""
     records = []
-    prefix = question_text(row["task"]["question"])
+    state = question_text(row["task"]["question"])
     for step, (action, observation) in enumerate(zip(_actions(row), row["observations"])):
-        policy, rendered_action, *rest = step_segments(action, observation)
-        if rest:
-            records.append(_lm_record(f"{row['id']}/{step}", [("prompt", prefix + policy[1]), rendered_action,
-                                                              rest[0]]))
-        prefix += "".join(text for _, text in (policy, rendered_action, *rest))
+        segments = step_segments(action, observation)
+        if segments[-1][0] == "observation":
+            records.append(lm_record(f"{row['id']}/{step}", [("prompt", state), *segments], IWM_TRAINED_ROLES))
+        state += "".join(text for _, text in segments)
     return records
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTSample:
+    """One SFT record and how it fits the token budget: `tokens` as sft_example lays it out (BOS + prompt +
+    response + EOS), `history_cut` whether render_prompt dropped earlier steps, `over_budget` whether it
+    exceeds the budget even so (the question or response is then what the trainer cuts)."""
+
+    record: dict[str, Any]
+    tokens: int
+    history_cut: bool
+    over_budget: bool
 
 
 def sft_step_records(row: Mapping[str, Any], blocks: Mapping[int, WorldModelBlock], variant: str,
-                     count_tokens: Callable[[str], int], prompt_budget: int) -> list[dict[str, Any]]:
-    """One SFT record per step of a trajectory in `variant` (state and full need a block at every step)."""
-    records = []
+                     count_tokens: Callable[[str], int], max_tokens: int) -> list[SFTSample]:
+    """One SFT sample per step of a trajectory in `variant` (state and full need a block at every step), each
+    fitted to `max_tokens` (module docstring): the prompt may use what BOS, the response and EOS leave."""
+    samples = []
     history: list[tuple[str, str]] = []
+    question = row["task"]["question"]
     for step, (action, observation) in enumerate(zip(_actions(row), row["observations"])):
-        prompt = render_prompt(row["task"]["question"], history, count_tokens, prompt_budget, variant=variant)
         response = render_response(StepResponse(think=think_text(action), action=action,
                                                 world_model=blocks.get(step)), variant)
-        records.append({"id": f"{row['id']}/{step}/{variant}", "prompt": prompt, "response": response,
-                        "variant": variant})
+        prompt_budget = max_tokens - SPECIAL_TOKENS_PER_SAMPLE - count_tokens(response)
+        prompt = render_prompt(question, history, count_tokens, prompt_budget, variant=variant)
+        tokens = SPECIAL_TOKENS_PER_SAMPLE + count_tokens(prompt) + count_tokens(response)
+        cut = bool(history) and prompt != render_prompt(question, history, count_tokens, 1 << 62, variant=variant)
+        samples.append(SFTSample({"id": f"{row['id']}/{step}/{variant}", "prompt": prompt, "response": response,
+                                  "variant": variant}, tokens, cut, tokens > max_tokens))
         if action.kind != ANSWER:
             history.append((render_action(action), render_observation(action.kind, observation)))
+    return samples
+
+
+# ------------------------------------------------------------------------------------------- pretraining
+def fact_phrasings(subject: str, relation: str, obj: str) -> tuple[str, ...]:
+    """One fact in each of FACT_PHRASINGS, from the world's own relation sentence and noun phrase, e.g.
+    "A was mentored by B." / "The mentor of A is B." / "B is the mentor of A." / "Who is the mentor of A? B."."""
+    spec = RELATION_BY_NAME[relation]
+    phrase = spec.phrase.format(s=subject)
+    wh = "Who" if spec.object_type == "person" else "What"
+    return (spec.sentence.format(s=subject, o=obj), f"{phrase[:1].upper()}{phrase[1:]} is {obj}.",
+            f"{obj} is {phrase}.", f"{wh} is {phrase}? {obj}.")
+
+
+def pretrain_records(documents: Sequence[Mapping[str, str]], facts: Sequence[Fact], phrasings: int,
+                     seed: int) -> list[dict[str, Any]]:
+    """The stage-0 corpus: per document ({"id", "text"}, titled by its entity's name on the first line) the
+    document itself, then `phrasings - 1` paraphrases: every fact naming the entity (as subject or object),
+    the i-th of them in FACT_PHRASINGS[(v + i) % 4] for paraphrase v, in a seeded order."""
+    if phrasings < 1:
+        raise ValueError(f"pretrain phrasings must be >= 1 (1: the documents alone), got {phrasings}")
+    about: dict[str, list[Fact]] = {}
+    for fact in facts:
+        about.setdefault(fact[0], []).append(fact)
+        if fact[2] != fact[0]:
+            about.setdefault(fact[2], []).append(fact)
+    records = []
+    for document in documents:
+        name = document["text"].split("\n", 1)[0]
+        records.append({"id": document["id"], "text": document["text"], "trained_roles": list(DEFAULT_TRAINED_ROLES)})
+        mine = about.get(name, [])
+        for v in range(1, phrasings if mine else 1):
+            rng = np.random.default_rng(derive_seed(seed, "pretrain", document["id"], v))
+            sentences = [fact_phrasings(*fact)[(v + i) % len(FACT_PHRASINGS)] for i, fact in enumerate(mine)]
+            order = rng.permutation(len(sentences))
+            records.append({"id": f"{document['id']}/p{v}", "text": f"{name}\n" + " ".join(sentences[i] for i in order),
+                            "trained_roles": list(DEFAULT_TRAINED_ROLES)})
     return records
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+def blocks_of(row: Mapping[str, Any], blocks: Mapping[tuple[str, int], WorldModelBlock]) -> dict[int, WorldModelBlock]:
+    """step -> accepted block of one trajectory."""
+    return {step: blocks[(row["id"], step)] for step in range(len(row["actions"])) if (row["id"], step) in blocks}
+
+
+def lm_text(record: Mapping[str, Any]) -> str:
+    """The text an LM record trains on, segments joined."""
+    return "".join(segment["text"] for segment in record["segments"]) if "segments" in record else record["text"]
+
+
+def tokenizer_texts(mid_train_rows: Sequence[Mapping[str, Any]], sft_rows: Sequence[Mapping[str, Any]],
+                    blocks: Mapping[tuple[str, int], WorldModelBlock],
+                    lm_records: Sequence[Mapping[str, Any]] = ()) -> list[str]:
+    """The text of every corpus, for training the world's tokenizer before the corpora are cut to token
+    budgets: the WM-AMT trajectories (which hold the plain and IWM text too), every SFT variant's prompt
+    with the whole history and its response, and `lm_records` (the pretraining documents)."""
+    texts = [lm_text(record) for record in lm_records]
+    for row in mid_train_rows:
+        if renderable(row):
+            texts.append(lm_text(trajectory_lm_record(row, blocks_of(row, blocks))))
+    for row in sft_rows:
+        if renderable(row) and len(blocks_of(row, blocks)) == len(row["actions"]):
+            for variant in VARIANTS:  # an unlimited budget keeps the whole history
+                texts += [sample.record["prompt"] + sample.record["response"]
+                          for sample in sft_step_records(row, blocks_of(row, blocks), variant, len, 1 << 62)]
+    return texts
 
 
 # ------------------------------------------------------------------------------------------- counting
 def make_token_counter(tokenizer_path: str) -> tuple[Callable[[str], int], str]:
-    """(count function, its name): whitespace-separated words, or a tokenizer's tokens (fwm.tokenizer)."""
+    """(count function, its name): a tokenizer's tokens (fwm.tokenizer.load_tokenizer), or whitespace-separated
+    words for '' (a rough unit for building corpora without a tokenizer, as unit tests do)."""
     if not tokenizer_path:
         return (lambda text: len(text.split())), "whitespace words"
     from fwm.tokenizer import load_tokenizer
@@ -157,26 +257,37 @@ def make_token_counter(tokenizer_path: str) -> tuple[Callable[[str], int], str]:
 
 @dataclasses.dataclass
 class CorpusStats:
+    """records / tokens / trained tokens of the training file (each record + BOS and EOS; segments counted one
+    by one, so within a token or two of the tokenizer on the joined text), eval records; SFT: samples whose
+    history was cut and samples over sft_max_tokens."""
+
     records: int = 0
     tokens: int = 0
     trained_tokens: int = 0
     eval_records: int = 0
+    history_cut: int = 0
+    over_max_tokens: int = 0
 
 
-def _count_lm(record: Mapping[str, Any], trained_roles: Sequence[str], count: Callable[[str], int]) -> tuple[int, int]:
-    sizes = [(segment["role"], count(segment["text"])) for segment in record["segments"]]
-    return sum(n for _, n in sizes), sum(n for role, n in sizes if role in trained_roles)
+def _count_lm(record: Mapping[str, Any], count: Callable[[str], int]) -> tuple[int, int]:
+    """(tokens, trained tokens) of an LM record, by its own trained_roles (EOS trained, BOS not)."""
+    segments = record.get("segments") or [{"role": "document", "text": record["text"]}]
+    trained_roles = record.get("trained_roles", DEFAULT_TRAINED_ROLES)
+    sizes = [(segment["role"], count(segment["text"])) for segment in segments]
+    return (SPECIAL_TOKENS_PER_SAMPLE + sum(n for _, n in sizes),
+            1 + sum(n for role, n in sizes if role in trained_roles))
 
 
 # ---------------------------------------------------------------------------------------------- build
 @dataclasses.dataclass(frozen=True)
 class CorpusOptions:
-    """How the corpora are cut: the seed (eval split), eval_fraction, the SFT prompt budget (in the
-    counter's units) and the token counter (a tokenizer path, '' for whitespace words)."""
+    """How the corpora are cut: the seed (eval split), eval_fraction, the SFT sample budget in tokens
+    (sft_max_tokens: BOS + prompt + response + EOS, the SFT training seq_len) and the tokenizer that counts
+    them (a path; '' counts whitespace words)."""
 
     seed: int = 0
     eval_fraction: float = 0.05
-    prompt_budget: int = 1024
+    sft_max_tokens: int = 1024
     tokenizer_path: str = ""
 
 
@@ -187,8 +298,12 @@ def build_corpora(directory: str, mid_train_rows: Sequence[Mapping[str, Any]], s
 
     mid_train_rows feed mid_train_plain, mid_train_wm and iwm; sft_rows feed sft_{plain,state,full};
     blocks maps (trajectory id, step) to the accepted block. extra_files: name -> (stage, records) for
-    files written as they are (world documents for pretraining, RL and eval tasks).
+    files of ready records (pretraining documents, RL and eval tasks); their LM records are split into
+    NAME / NAME_eval by record id, the others are written whole. The manifest names the tokenizer
+    relative to itself ("tokenizer"), and gives each corpus its records and token counts.
     """
+    if options.sft_max_tokens < 1:
+        raise ValueError(f"sft_max_tokens must be >= 1, got {options.sft_max_tokens}")
     count, counter_name = make_token_counter(options.tokenizer_path)
     skipped = {"mid_train": sum(not renderable(row) for row in mid_train_rows),
                "sft_malformed": sum(not renderable(row) for row in sft_rows)}
@@ -197,22 +312,23 @@ def build_corpora(directory: str, mid_train_rows: Sequence[Mapping[str, Any]], s
                  and all((row["id"], step) in blocks for step in range(len(row["actions"])))]
     skipped["sft_missing_block"] = sum(renderable(row) for row in sft_rows) - len(sft_ready)
 
-    def blocks_of(row: Mapping[str, Any]) -> dict[int, WorldModelBlock]:
-        return {step: blocks[(row["id"], step)] for step in range(len(row["actions"])) if (row["id"], step) in blocks}
-
-    corpora: dict[str, tuple[str, dict[str, Any], Callable[[Mapping[str, Any]], list[dict[str, Any]]],
+    corpora: dict[str, tuple[str, dict[str, Any], Callable[[Mapping[str, Any]], list[Any]],
                              Sequence[Mapping[str, Any]]]] = {
         "mid_train_plain": ("lm", {"trained_roles": list(DEFAULT_TRAINED_ROLES)},
                             lambda row: [trajectory_lm_record(row, {})], mid_train_rows),
         "mid_train_wm": ("lm", {"trained_roles": list(DEFAULT_TRAINED_ROLES)},
-                         lambda row: [trajectory_lm_record(row, blocks_of(row))], mid_train_rows),
+                         lambda row: [trajectory_lm_record(row, blocks_of(row, blocks))], mid_train_rows),
         "iwm": ("lm", {"trained_roles": list(IWM_TRAINED_ROLES)}, iwm_lm_records, mid_train_rows),
     }
     for variant in VARIANTS:
         corpora[f"sft_{variant}"] = (
             "sft", {"variant": variant},
-            lambda row, variant=variant: sft_step_records(row, blocks_of(row), variant, count, options.prompt_budget),
+            lambda row, variant=variant: sft_step_records(row, blocks_of(row, blocks), variant, count,
+                                                          options.sft_max_tokens),
             sft_ready)
+    for name, (stage, records) in (extra_files or {}).items():
+        extra = {"trained_roles": list(DEFAULT_TRAINED_ROLES)} if stage == "lm" else {}
+        corpora[name] = (stage, extra, lambda record: [record], list(records))
 
     manifest: dict[str, Any] = {}
     for name, (stage, extra, make_records, rows) in corpora.items():
@@ -220,32 +336,34 @@ def build_corpora(directory: str, mid_train_rows: Sequence[Mapping[str, Any]], s
         train: list[dict[str, Any]] = []
         held_out: list[dict[str, Any]] = []
         for row in rows:
-            records = make_records(row)
-            (held_out if is_eval(row["id"], options.eval_fraction, options.seed) else train).extend(records)
-        for record in train:
-            tokens, trained = (_count_lm(record, extra["trained_roles"], count) if stage == "lm" else
-                               (count(record["prompt"]) + count(record["response"]), count(record["response"])))
-            stats.records += 1
-            stats.tokens += tokens
-            stats.trained_tokens += trained
+            made = make_records(row)
+            goes_to_eval = stage in ("lm", "sft") and is_eval(row["id"], options.eval_fraction, options.seed)
+            for item in made:
+                record = item.record if isinstance(item, SFTSample) else item
+                if goes_to_eval:
+                    held_out.append(record)
+                    continue
+                train.append(record)
+                stats.records += 1
+                if isinstance(item, SFTSample):
+                    stats.tokens += item.tokens
+                    stats.trained_tokens += count(record["response"]) + 1  # + EOS
+                    stats.history_cut += item.history_cut
+                    stats.over_max_tokens += item.over_budget
+                elif stage == "lm":
+                    tokens, trained = _count_lm(record, count)
+                    stats.tokens += tokens
+                    stats.trained_tokens += trained
         stats.eval_records = len(held_out)
         manifest[name] = _write(directory, name, stage, train, held_out, extra, stats)
-    for name, (stage, records) in (extra_files or {}).items():
-        records = list(records)
-        stats = CorpusStats(records=len(records))
-        if stage == "lm":
-            for record in records:
-                segments = record.get("segments") or [{"role": "document", "text": record["text"]}]
-                tokens, trained = _count_lm({"segments": segments}, DEFAULT_TRAINED_ROLES, count)
-                stats.tokens += tokens
-                stats.trained_tokens += trained
-        extra = {"trained_roles": list(DEFAULT_TRAINED_ROLES)} if stage == "lm" else {}
-        manifest[name] = _write(directory, name, stage, records, [], extra, stats)
     summary = {"token_count": counter_name, "corpora": manifest, "skipped_trajectories": skipped,
+               "sft_max_tokens": options.sft_max_tokens,
                "mid_train_trajectories": len(mid_train_rows), "sft_trajectories": len(sft_ready),
                "mid_train_steps": sum(len(row["actions"]) for row in mid_train_rows),
                "sft_steps": sum(len(row["actions"]) for row in sft_ready),
-               "wm_blocks_inserted": sum(len(blocks_of(row)) for row in mid_train_rows)}
+               "wm_blocks_inserted": sum(len(blocks_of(row, blocks)) for row in mid_train_rows)}
+    if options.tokenizer_path:
+        summary["tokenizer"] = os.path.relpath(os.path.abspath(options.tokenizer_path), os.path.abspath(directory))
     write_json(os.path.join(directory, "manifest.json"), summary)
     return summary
 
@@ -254,8 +372,11 @@ def _write(directory: str, name: str, stage: str, train: Sequence[dict[str, Any]
            extra: Mapping[str, Any], stats: CorpusStats) -> dict[str, Any]:
     path = os.path.join(directory, f"{name}.jsonl")
     write_jsonl(path, train)
-    entry: dict[str, Any] = {"path": os.path.basename(path), "stage": stage, **extra,
-                             **dataclasses.asdict(stats), "bytes": os.path.getsize(path)}
+    counts = dataclasses.asdict(stats)
+    if stage != "sft":  # history cuts and token budgets are SFT's
+        del counts["history_cut"], counts["over_max_tokens"]
+    entry: dict[str, Any] = {"path": os.path.basename(path), "stage": stage, **extra, **counts,
+                             "bytes": os.path.getsize(path)}
     eval_path = os.path.join(directory, f"{name}_eval.jsonl")
     if held_out:
         write_jsonl(eval_path, held_out)
@@ -263,4 +384,3 @@ def _write(directory: str, name: str, stage: str, train: Sequence[dict[str, Any]
     elif os.path.exists(eval_path):  # left over from a run with other settings
         os.remove(eval_path)
     return entry
-

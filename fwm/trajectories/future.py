@@ -8,16 +8,29 @@ cannot earn grounding by repeating the step's own query or answer. `start="actio
 itself (the looser reading: tau_{>=t} of the agent's own actions).
 
 Matching (our R_match): SQuAD-normalised keyword found in SQuAD-normalised text at word boundaries
-(`fwm.trajectories.spoilers.contains_term`), so "Paris" matches "paris," but "12" not "120".
+(`contains_term`, which the spoiler check uses too), so "Paris" matches "paris," but "12" not "120".
+This module depends on nothing else of fwm.trajectories, so spoilers.py can build on it.
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
+from fwm.envs.scoring import normalize_answer
 from fwm.schema import Action
-from fwm.trajectories.spoilers import contains_term
 
 FUTURE_STARTS = ("observation", "action")
+
+
+def occurs(normalized_text: str, term: str) -> bool:
+    """Whether normalised `term` occurs in already-normalised text at word boundaries (empty terms never do)."""
+    needle = normalize_answer(term)
+    return bool(needle) and re.search(r"(?<!\w)" + re.escape(needle) + r"(?!\w)", normalized_text) is not None
+
+
+def contains_term(text: str, term: str) -> bool:
+    """Whether normalised `term` occurs in normalised `text` at word boundaries (empty terms never do)."""
+    return occurs(normalize_answer(text), term)
 
 
 def action_text(action: Action | None) -> str:

@@ -7,11 +7,21 @@ naming the dotted key. Layout of WORKDIR:
 
   world/      world files (fwm.envs.synthetic writers), bm25/ (search), splits/{mid_train,sft,rl}.jsonl
   trajectories/{mid_train,sft}.jsonl   one row per episode (fwm.trajectories.collect.trajectory_row)
-  blocks/blocks.jsonl                  one row per annotated step: Monte Carlo outcomes, block or rejection
-                                       (with writer=teacher, the stats hold the teacher's summed counters)
-  corpora/    mid_train_plain, mid_train_wm, iwm, sft_{plain,state,full} (+ _eval), pretrain (search
-              world documents), rl_tasks, eval_tasks, manifest.json (stage and trained_roles per file)
+  blocks/blocks.jsonl                  one row per annotated step: Monte Carlo outcomes and their conditioning
+                                       ("confidence_kind": q or v), whether the step errs ("erring",
+                                       policies.off_gold_steps), block or rejection (with writer=teacher, the
+                                       stats hold the teacher's summed counters)
+  tokenizer.model                      the world's SentencePiece tokenizer, trained on the text of every corpus
+                                       (stage `tokenizer`, marker tokenizer.stage.json; tokenizer.path given: none)
+  corpora/    mid_train_plain, mid_train_wm, iwm, sft_{plain,state,full}, pretrain (search world documents and
+              their paraphrases) (+ NAME_eval), rl_tasks, eval_tasks, manifest.json: "tokenizer" (its path
+              relative to the manifest), per corpus stage, trained_roles, records and tokens (total, trained)
+              in that tokenizer's tokens, SFT history cuts and samples over corpora.sft_max_tokens
   stats.json
+
+The tokenizer is trained before the corpora are cut, on the same text rendered without token budgets
+(corpora.tokenizer_texts), because cutting SFT prompts to a token budget needs the tokenizer that the
+training stages will use.
 
 Reruns skip finished stages. Each stage directory gets a `stage.json` marker, written last, holding a
 fingerprint of the config keys the stage reads and of the stage before it; a stage is skipped when its
@@ -35,6 +45,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
+from fwm import calibration
 from fwm.configlib import ConfigError, check_keys, check_override_args, check_types, require as _require
 from fwm.envs.base import Task, read_tasks, write_tasks
 from fwm.envs.jsonl import read_jsonl, write_json, write_jsonl
@@ -46,11 +57,13 @@ from fwm.envs.synthetic.knowledge import KnowledgeWorldConfig, generate_knowledg
 from fwm.trajectories import blocks as blocks_lib
 from fwm.trajectories import collect as collect_lib
 from fwm.trajectories import corpora as corpora_lib
-from fwm.trajectories.policies import POLICY_NAMES, ArithmeticMoves, KnowledgeMoves, make_policy
+from fwm.trajectories.future import FUTURE_STARTS
+from fwm.trajectories.policies import POLICY_NAMES, ArithmeticMoves, KnowledgeMoves, make_policy, off_gold_steps
+from fwm.tokenizer import load_tokenizer, train_sentencepiece
 from fwm.trajectories.teacher import TeacherStats
 
 WORLD_KINDS = ("knowledge", "arithmetic")
-STAGE_NAMES = ("world", "collect", "blocks", "corpora")
+STAGE_NAMES = ("world", "collect", "blocks", "tokenizer", "corpora")
 _SPLITS = ("mid_train", "sft", "rl", "eval")
 _CORPORA = ("pretrain", "mid_train_plain", "mid_train_wm", "iwm", "sft_plain", "sft_state", "sft_full", "rl_tasks",
             "eval_tasks")
@@ -107,6 +120,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.blocks.writer = "rule"                 # rule | teacher (fwm.trajectories.teacher, needs an endpoint)
     c.blocks.share = 0.5                     # share of mid-training steps that get a block (WM-AMT)
     c.blocks.mc_k = 8                        # Monte Carlo continuations per block
+    c.blocks.confidence = "q"                # q: Q(s_t, a_t), continuations after a_t | v: V(s_t), before a_t
+    c.blocks.future_start = "observation"    # keywords count as grounded in what follows from: observation | action
     c.blocks.teacher = ml_collections.ConfigDict(dict(
         base_url="http://localhost:8000/v1", model="", api_key_env="", temperature=0.0, max_tokens=512,
         timeout_s=60.0, max_retries=3, backoff_s=1.0, cache_dir="", retry_with_feedback=True,
@@ -117,8 +132,17 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.corpora.mid_train_policies = ("noisy",)  # whose mid_train-split trajectories feed mid-train/WM-AMT/IWM
     c.corpora.sft_policies = ("noisy",)        # whose successful sft-split trajectories feed SFT (one per task)
     c.corpora.eval_fraction = 0.05             # trajectories held out into NAME_eval.jsonl
-    c.corpora.prompt_budget = 1024             # SFT prompt budget, in the token counter's units
-    c.corpora.tokenizer_path = ""              # counts tokens with it; '' counts whitespace words
+    c.corpora.sft_max_tokens = 1024            # SFT sample budget in tokenizer tokens (BOS + prompt + response + EOS):
+                                               # the SFT seq_len; the history is cut to fit, cuts are counted
+    c.corpora.pretrain_phrasings = 8           # search world: each document + 7 paraphrases of its facts
+
+    c.tokenizer = ml_collections.ConfigDict()  # the world's tokenizer, stage `tokenizer` (WORKDIR/tokenizer.model)
+    c.tokenizer.path = ""                      # '' trains one on all corpora; else use this tokenizer (e.g. a
+                                               # checkpoint's tokenizer.json) for token budgets and counts
+    c.tokenizer.vocab_size = 1024              # SentencePiece BPE, tags as user-defined symbols, byte fallback
+    c.tokenizer.model_type = "bpe"
+    c.tokenizer.character_coverage = 1.0
+    c.tokenizer.max_texts = 20000              # texts sampled (seeded) from the corpora to train it on
     return c
 
 
@@ -176,6 +200,10 @@ def validate_data_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     _require(c.blocks.writer in blocks_lib.WRITERS, "blocks.writer", f"one of {blocks_lib.WRITERS}", c.blocks.writer)
     _require(0 <= c.blocks.share <= 1, "blocks.share", "a share in [0, 1]", c.blocks.share)
     _require(c.blocks.mc_k >= 1, "blocks.mc_k", "an int >= 1", c.blocks.mc_k)
+    _require(c.blocks.confidence in blocks_lib.CONDITIONINGS, "blocks.confidence",
+             f"one of {blocks_lib.CONDITIONINGS} (Q(s_t, a_t) or V(s_t))", c.blocks.confidence)
+    _require(c.blocks.future_start in FUTURE_STARTS, "blocks.future_start", f"one of {FUTURE_STARTS}",
+             c.blocks.future_start)
     if c.blocks.writer == "teacher":
         _require(bool(c.blocks.teacher.model.strip()), "blocks.teacher.model", "the teacher's model name",
                  c.blocks.teacher.model)
@@ -183,9 +211,19 @@ def validate_data_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     _check_policy_list("corpora.sft_policies", c.corpora.sft_policies, c.collect.policies, allow_empty=True)
     _require(0 <= c.corpora.eval_fraction < 1, "corpora.eval_fraction", "a fraction in [0, 1)",
              c.corpora.eval_fraction)
-    _require(c.corpora.prompt_budget >= 1, "corpora.prompt_budget", "an int >= 1", c.corpora.prompt_budget)
-    _require(not c.corpora.tokenizer_path or os.path.exists(c.corpora.tokenizer_path), "corpora.tokenizer_path",
-             "'' or an existing tokenizer file / directory", c.corpora.tokenizer_path)
+    _require(c.corpora.sft_max_tokens >= 64, "corpora.sft_max_tokens", "an int >= 64 (tokens per SFT sample)",
+             c.corpora.sft_max_tokens)
+    _require(c.corpora.pretrain_phrasings >= 1, "corpora.pretrain_phrasings", "an int >= 1 (1: the documents alone)",
+             c.corpora.pretrain_phrasings)
+    _require(not c.tokenizer.path or os.path.exists(c.tokenizer.path), "tokenizer.path",
+             "'' (train WORKDIR/tokenizer.model) or an existing tokenizer file / directory", c.tokenizer.path)
+    _require(c.tokenizer.vocab_size >= 512, "tokenizer.vocab_size", "an int >= 512 (256 byte pieces, tags, text)",
+             c.tokenizer.vocab_size)
+    _require(c.tokenizer.model_type in ("bpe", "unigram"), "tokenizer.model_type", "'bpe' or 'unigram'",
+             c.tokenizer.model_type)
+    _require(0 < c.tokenizer.character_coverage <= 1, "tokenizer.character_coverage", "a fraction in (0, 1]",
+             c.tokenizer.character_coverage)
+    _require(c.tokenizer.max_texts >= 1, "tokenizer.max_texts", "an int >= 1", c.tokenizer.max_texts)
     return config
 
 
@@ -206,10 +244,11 @@ class _Stage:
     name: str
     directory: str
     fingerprint: str
+    marker_name: str = "stage.json"  # the tokenizer stage writes into WORKDIR itself: tokenizer.stage.json
 
     @property
     def marker(self) -> str:
-        return os.path.join(self.directory, "stage.json")
+        return os.path.join(self.directory, self.marker_name)
 
     def finished(self) -> dict[str, Any] | None:
         """The marker if it matches this fingerprint and every output it lists exists, else None."""
@@ -247,7 +286,9 @@ class _World:
     kind: str
     splits: Mapping[str, tuple[Task, ...]]  # mid_train, sft, rl, eval
     entity_names: tuple[str, ...]
+    entity_types: Mapping[str, str]  # name -> type (knowledge world; empty for arithmetic)
     documents: tuple[Mapping[str, str], ...]  # {"id", "text"} for a pretraining corpus (knowledge only)
+    facts: tuple[corpora_lib.Fact, ...]  # (subject, relation, object) names, for the document paraphrases
     moves: Any
     write: Callable[[str], None]
 
@@ -258,7 +299,10 @@ def _make_world(config: ml_collections.ConfigDict) -> _World:
         world = generate_knowledge_world(world_config(config), seed)
         train, test = world.train_tasks, world.test_tasks
         names = tuple(entity.name for entity in world.entities)
+        types = {entity.name: entity.type for entity in world.entities}
         documents = tuple({"id": doc.id, "text": doc.contents} for doc in world.documents)
+        facts = tuple((entity.name, relation, world.entity(object_id).name) for entity in world.entities
+                      for relation, object_id in entity.relations)
         moves: Any = KnowledgeMoves.from_world(world)
 
         def write(directory: str) -> None:
@@ -267,7 +311,7 @@ def _make_world(config: ml_collections.ConfigDict) -> _World:
     else:
         arithmetic = world_config(config)
         train, test = generate_arithmetic_tasks(arithmetic, seed)
-        names, documents, moves = (), (), ArithmeticMoves()
+        names, types, documents, facts, moves = (), {}, (), (), ArithmeticMoves()
 
         def write(directory: str) -> None:
             write_arithmetic_tasks(arithmetic, seed, train, test, directory)
@@ -275,7 +319,7 @@ def _make_world(config: ml_collections.ConfigDict) -> _World:
     rl_end = sft_end + config.splits.rl_tasks
     splits = {"sft": tuple(train[:sft_end]), "rl": tuple(train[sft_end:rl_end]), "mid_train": tuple(train[rl_end:]),
               "eval": tuple(test)}
-    return _World(kind, splits, names, documents, moves, write)
+    return _World(kind, splits, names, types, documents, facts, moves, write)
 
 
 def _env_spec(config: ml_collections.ConfigDict, world_dir: str) -> collect_lib.EnvSpec:
@@ -309,22 +353,55 @@ def _collect_stats(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             for policy, group in by_policy.items()}
 
 
-def _block_stats(rows: Sequence[Mapping[str, Any]], outcomes: Mapping[str, float], mc_k: int) -> dict[str, Any]:
+def confidence_quality(confidences: Sequence[int], successes: Sequence[bool], erring: Sequence[bool]) -> dict[str, Any]:
+    """How well block confidences (0-100) predict the recorded episodes' outcomes, and whether they tell the
+    steps that err (policies.off_gold_steps) from the rest: mean q on each, AUROC and Brier of q / 100
+    against success (fwm.calibration)."""
+    q_N = np.asarray(confidences, np.float64) / 100.0
+    y_N = np.asarray(successes, np.float64)
+    erring_N = np.asarray(erring, bool)
+    area = calibration.auroc(q_N, y_N)
+
+    def mean(values: np.ndarray) -> float | None:
+        return round(float(values.mean() * 100), 2) if values.size else None
+
+    return {"steps": int(q_N.size), "erring_steps": int(erring_N.sum()), "mean_q_erring": mean(q_N[erring_N]),
+            "mean_q_other": mean(q_N[~erring_N]), "mean_q": mean(q_N), "success_rate": round(float(y_N.mean()), 4),
+            "auroc": None if area is None else round(area, 4), "brier": round(calibration.brier_score(q_N, y_N), 4)}
+
+
+def _block_stats(rows: Sequence[Mapping[str, Any]], outcomes: Mapping[str, float], mc_k: int,
+                 conditioning: str) -> dict[str, Any]:
     written = [row for row in rows if row["block"] is not None]
-    confidences = np.asarray([row["confidence"] for row in rows], np.float64) / 100.0
-    success = np.asarray([collect_lib.succeeded(outcomes[row["trajectory_id"]]) for row in rows], np.float64)
     stats: dict[str, Any] = {
         "annotated_steps": len(rows), "blocks_written": len(written), "rejections": len(rows) - len(written),
         "spoiler_rejections": sum(bool(row["spoiler_rejection"]) for row in rows), "mc_k": mc_k,
-        "continuations": len(rows) * mc_k,
+        "confidence_kind": conditioning, "continuations": sum(row["mc_k"] for row in rows),
         "mean_keywords": round(float(np.mean([len(r["block"]["keywords"]) for r in written])), 3) if written else 0.0,
         "rejection_examples": [row["rejection"] for row in rows if row["rejection"]][:3],
     }
-    if rows:  # how well q_t (from continuations) predicts the recorded episode's own outcome
-        stats["mean_confidence"] = round(float(confidences.mean() * 100), 2)
-        stats["recorded_success_rate"] = round(float(success.mean()), 4)
-        stats["brier_vs_recorded_outcome"] = round(float(np.mean((confidences - success) ** 2)), 4)
+    # q against the recorded episode's own outcome. Mid-training steps only: the SFT trajectories are chosen
+    # for success, so their steps would make any q look discriminative.
+    mid = [row for row in rows if row["trajectory_id"].startswith("mid_train/")]
+    if mid:
+        stats["q_vs_outcome"] = confidence_quality(
+            [row["confidence"] for row in mid], [collect_lib.succeeded(outcomes[row["trajectory_id"]]) for row in mid],
+            [row["erring"] for row in mid])
     return stats
+
+
+def _block_map(blocks_dir: str) -> dict[tuple[str, int], Any]:
+    """(trajectory id, step) -> accepted block, from blocks.jsonl."""
+    return {(row["trajectory_id"], row["step"]): blocks_lib.block_from_dict(row["block"])
+            for _, row in read_jsonl(os.path.join(blocks_dir, "blocks.jsonl")) if row["block"] is not None}
+
+
+def _file_digest(path: str) -> str:
+    """sha256 of a given tokenizer file ('' for none or a directory, which is fingerprinted by path only)."""
+    if not path or not os.path.isfile(path):
+        return ""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -381,7 +458,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     blocks_dir = os.path.join(workdir, "blocks")
     teacher = c.blocks.teacher.to_dict() if c.blocks.writer == "teacher" else {}
     blocks_fp = _fingerprint("blocks", collect_fp, c.blocks.writer, c.blocks.share, c.blocks.mc_k, teacher,
-                             c.corpora.mid_train_policies, c.corpora.sft_policies)
+                             c.blocks.confidence, c.blocks.future_start, c.corpora.mid_train_policies,
+                             c.corpora.sft_policies)
     if teacher and not teacher["cache_dir"]:  # paid replies survive a crashed or repeated run
         teacher["cache_dir"] = os.path.join(workdir, "teacher_cache")
     mid_rows = [r for r in _rows(os.path.join(trajectories_dir, "mid_train.jsonl"))
@@ -394,14 +472,20 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                  for row in mid_rows]
         items += [blocks_lib.BlockItem(row, tuple(range(len(row["actions"])))) for row in sft_rows]
         items = [item for item in items if item.steps]
-        job = blocks_lib.BlockJob(spec, policies, c.blocks.writer, teacher, c.seed, c.blocks.mc_k, world.entity_names)
+        job = blocks_lib.BlockJob(spec, policies, c.blocks.writer, teacher, c.seed, c.blocks.mc_k, world.entity_names,
+                                  conditioning=c.blocks.confidence, future_start=c.blocks.future_start,
+                                  entity_types=world.entity_types)
         per_item = collect_lib.map_chunks(blocks_lib.annotate_chunk, job, items, workers=c.workers,
                                           chunk_size=max(1, c.chunk_size // 4), desc="blocks", unit="trajectory",
                                           progress=c.progress)
-        rows = [row for annotated in per_item for row in annotated.rows]
+        rows = []
+        for item, annotated in zip(items, per_item):
+            record = collect_lib.record_from_row(item.trajectory, f"trajectory {item.trajectory['id']}")
+            erring = off_gold_steps(world.moves, record.task, record.actions)
+            rows += [{**row, "erring": erring[row["step"]]} for row in annotated.rows]
         write_jsonl(os.path.join(blocks_dir, "blocks.jsonl"), rows)
         outcomes = {item.trajectory["id"]: item.trajectory["score"] for item in items}
-        stats = _block_stats(rows, outcomes, c.blocks.mc_k)
+        stats = _block_stats(rows, outcomes, c.blocks.mc_k, c.blocks.confidence)
         if c.blocks.writer == "teacher":  # every chunk had its own writer (in its own process): sum them
             stats["teacher"] = blocks_lib.sum_counters([TeacherStats().as_dict()]
                                                        + [annotated.writer_counters for annotated in per_item])
@@ -410,22 +494,45 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     results["blocks"], skipped = _Stage("blocks", blocks_dir, blocks_fp).execute(run_blocks)
     stages["blocks"] = "skipped" if skipped else "ran"
 
+    # -- tokenizer: trained on the text of every corpus before the corpora are cut to token budgets
+    pretrain = corpora_lib.pretrain_records(world.documents, world.facts, c.corpora.pretrain_phrasings, c.seed) \
+        if world.documents else []
+    tokenizer_path = os.path.abspath(c.tokenizer.path) if c.tokenizer.path else os.path.join(workdir, "tokenizer.model")
+    tokenizer_fp = _fingerprint("tokenizer", blocks_fp, c.tokenizer.to_dict(), c.corpora.pretrain_phrasings, c.seed,
+                                _file_digest(c.tokenizer.path))
+
+    def run_tokenizer() -> tuple[dict[str, Any], list[str]]:
+        if c.tokenizer.path:  # given: nothing to train
+            tokenizer = load_tokenizer(tokenizer_path)
+            return {"path": tokenizer_path, "trained": False, "vocab_size": tokenizer.vocab_size}, []
+        block_map = _block_map(blocks_dir)
+        texts = corpora_lib.tokenizer_texts(mid_rows, sft_rows, block_map, pretrain)
+        if len(texts) > c.tokenizer.max_texts:
+            keep = np.random.default_rng(collect_lib.derive_seed(c.seed, "tokenizer")).permutation(len(texts))
+            texts = [texts[i] for i in sorted(keep[:c.tokenizer.max_texts])]
+        tokenizer = train_sentencepiece(texts, tokenizer_path, c.tokenizer.vocab_size, model_type=c.tokenizer.model_type,
+                                        character_coverage=c.tokenizer.character_coverage, seed=c.seed)
+        return ({"path": tokenizer_path, "trained": True, "vocab_size": tokenizer.vocab_size, "texts": len(texts),
+                 "characters": sum(len(text) for text in texts)}, [os.path.basename(tokenizer_path)])
+
+    results["tokenizer"], skipped = _Stage("tokenizer", workdir, tokenizer_fp, "tokenizer.stage.json").execute(
+        run_tokenizer)
+    stages["tokenizer"] = "skipped" if skipped else "ran"
+
     # -- corpora
     corpora_dir = os.path.join(workdir, "corpora")
-    corpora_fp = _fingerprint("corpora", blocks_fp, c.corpora.to_dict(), c.seed)
+    corpora_fp = _fingerprint("corpora", tokenizer_fp, c.corpora.to_dict(), c.seed)
 
     def run_corpora() -> tuple[dict[str, Any], list[str]]:
-        block_map = {(row["trajectory_id"], row["step"]): blocks_lib.block_from_dict(row["block"])
-                     for _, row in read_jsonl(os.path.join(blocks_dir, "blocks.jsonl")) if row["block"] is not None}
+        block_map = _block_map(blocks_dir)
         extra: dict[str, tuple[str, Sequence[Mapping[str, Any]]]] = {
             "rl_tasks": ("rl", [task.to_dict() for task in read_tasks(os.path.join(world_dir, "splits", "rl.jsonl"))]),
             "eval_tasks": ("rl", [task.to_dict() for task in read_tasks(os.path.join(world_dir, "splits", "eval.jsonl"))]),
         }
-        if world.documents:
-            extra["pretrain"] = ("lm", list(world.documents))
+        if pretrain:
+            extra["pretrain"] = ("lm", pretrain)
         options = corpora_lib.CorpusOptions(seed=c.seed, eval_fraction=c.corpora.eval_fraction,
-                                            prompt_budget=c.corpora.prompt_budget,
-                                            tokenizer_path=c.corpora.tokenizer_path)
+                                            sft_max_tokens=c.corpora.sft_max_tokens, tokenizer_path=tokenizer_path)
         summary = corpora_lib.build_corpora(corpora_dir, mid_rows, sft_rows, block_map, options, extra)
         outputs = ["manifest.json"] + [entry["path"] for entry in summary["corpora"].values()]
         outputs += [entry["eval_path"] for entry in summary["corpora"].values() if "eval_path" in entry]
@@ -460,25 +567,38 @@ def format_stats(stats: Mapping[str, Any]) -> str:
                          f"mean turns {s['mean_turns']:.2f}  out of turns {s['turn_budget_endings']}")
     lines.append(f"blocks: {blocks['blocks_written']} written of {blocks['annotated_steps']} annotated steps, "
                  f"{blocks['rejections']} rejected ({blocks['spoiler_rejections']} for spoilers); Monte Carlo "
-                 f"K={blocks['mc_k']} ({blocks['continuations']} continuations)"
-                 + (f"; mean confidence {blocks['mean_confidence']:.1f}, recorded success "
-                    f"{100 * blocks['recorded_success_rate']:.1f}%, Brier vs recorded outcome "
-                    f"{blocks['brier_vs_recorded_outcome']:.3f}" if "mean_confidence" in blocks else ""))
+                 f"K={blocks['mc_k']} ({blocks['continuations']} continuations), confidence "
+                 f"{'Q(s_t, a_t): after a_t' if blocks['confidence_kind'] == 'q' else 'V(s_t): before a_t'}")
+    if "q_vs_outcome" in blocks:
+        q = blocks["q_vs_outcome"]
+
+        def shown(value: float | None, form: str) -> str:
+            return "n/a" if value is None else format(value, form)
+
+        lines.append(f"  q on {q['steps']} mid-training steps: mean {shown(q['mean_q'], '.1f')} vs success "
+                     f"{100 * q['success_rate']:.1f}%; erring steps ({q['erring_steps']}) {shown(q['mean_q_erring'], '.1f')}"
+                     f" vs other steps {shown(q['mean_q_other'], '.1f')}; AUROC {shown(q['auroc'], '.3f')}, "
+                     f"Brier {q['brier']:.3f}")
     if "teacher" in blocks:
         t = blocks["teacher"]
         lines.append(f"  teacher: {t['blocks']} blocks, {t['cache_hits']} from the cache ({t['corrupt_cache_entries']} "
                      f"corrupt entries); {t['requests']} requests, {t['retries']} retries, {t['http_failures']} "
                      f"HTTP failures; {t['malformed_replies']} malformed and {t['spoiler_replies']} leaking "
-                     f"replies; {t['rejections']} steps rejected")
+                     f"replies; {t['rejections']} steps rejected; {t['ungrounded_keywords']} ungrounded keywords "
+                     f"dropped, {t['ungrounded_replies']} replies without a grounded keyword")
     lines.append(f"corpora: steps mid-training {corpora['mid_train_steps']} ({corpora['mid_train_trajectories']} "
                  f"trajectories, {corpora['wm_blocks_inserted']} blocks in WM-AMT), SFT {corpora['sft_steps']} "
                  f"({corpora['sft_trajectories']} trajectories); skipped {corpora['skipped_trajectories']}")
-    lines.append(f"  tokens counted as {corpora['token_count']}")
+    tokenizer = stats["tokenizer"]
+    lines.append(f"tokenizer: {tokenizer['path']} ({'trained on ' + str(tokenizer['texts']) + ' texts, ' if tokenizer['trained'] else 'given, '}"
+                 f"{tokenizer['vocab_size']} pieces); tokens counted as {corpora['token_count']}")
     for name, entry in _ordered(corpora["corpora"], _CORPORA):
         roles = f" trained_roles={','.join(entry['trained_roles'])}" if "trained_roles" in entry else ""
+        sft = (f"; history cut in {entry['history_cut']} ({100 * entry['history_cut'] / max(entry['records'], 1):.1f}%), "
+               f"{entry['over_max_tokens']} over {corpora['sft_max_tokens']} tokens" if entry["stage"] == "sft" else "")
         lines.append(f"  {name:16s} {entry['stage']:3s} {entry['records']:7d} records (+{entry['eval_records']} eval) "
                      f"{entry['tokens']:9d} tokens, {entry['trained_tokens']:9d} trained, "
-                     f"{entry['bytes'] / 1e6:7.2f} MB{roles}")
+                     f"{entry['bytes'] / 1e6:7.2f} MB{roles}{sft}")
     seconds = {name: stats[name].get("seconds") for name in STAGE_NAMES}
     lines.append("seconds (when run): " + ", ".join(f"{name} {s}" for name, s in seconds.items()))
     return "\n".join(lines)

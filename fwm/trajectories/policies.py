@@ -65,6 +65,18 @@ def progress(moves: Moves, task: Task, history: History) -> tuple[int, bool]:
     return k, last_advanced
 
 
+def off_gold_steps(moves: Moves, task: Task, actions: Sequence[Action | None]) -> list[bool]:
+    """Which steps of an episode err: step t errs iff a_t is not the gold next action after the correct
+    steps taken before it in order (`progress` of actions[:t]); a malformed (None) action errs.
+
+    The policies record no mistakes of their own, and this definition also covers the random policy and
+    recorded episodes of any origin. A recovery (redoing the step a mistake skipped) does not err; a
+    detour that happens to be harmless (a vague search after which the chain goes on) does.
+    """
+    history = [(action, "") for action in actions]
+    return [not progress(moves, task, history[:t + 1])[1] for t in range(len(actions))]
+
+
 def _choice(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[int(rng.integers(len(options)))]
 

@@ -5,18 +5,21 @@ answers only as placeholders (PAPER.md, WM-AMT block rules). At step t the agent
 question and the steps before t (the "visible" text); a term is a spoiler if it is a candidate
 (a gold answer, an entity or value the gold chain passes through, or a caller-supplied name such as
 every entity of a synthetic world) that the future text or the gold chain holds and the visible text
-does not. Matching is on SQuAD-normalised text at word boundaries, so "Paris" matches "paris," but
-"12" does not match "120".
+does not. Matching is fwm.trajectories.future.contains_term (SQuAD-normalised text at word boundaries,
+so "Paris" matches "paris," but "12" does not match "120").
 """
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Iterable, Protocol, Sequence
 
 from fwm.envs.base import EpisodeRecord, Task
 from fwm.envs.scoring import normalize_answer
 from fwm.schema import Action, WorldModelBlock
+from fwm.trajectories.future import action_text, contains_term, occurs as _occurs, what_follows
+
+__all__ = ["StepContext", "gold_chain_terms", "contains_term", "spoiler_terms", "block_text", "find_spoilers",
+           "BlockRejected", "check_block", "BlockWriter"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +61,13 @@ class StepContext:
 
     def visible_text(self) -> str:
         """What the agent has seen before acting: the question and the earlier actions and observations."""
-        return "\n".join([self.task.question] + [_step_text(a, o) for a, o in self.past])
+        return "\n".join([self.task.question] + [f"{action_text(a)}\n{o}" for a, o in self.past])
 
-    def future_text(self) -> str:
-        """What actually follows: this step's action and observation and all later ones."""
-        return "\n".join(_step_text(a, o) for a, o in self.future)
-
-
-def _step_text(action: Action | None, observation: str) -> str:
-    return ("" if action is None else f"{action.kind}: {action.argument}") + "\n" + observation
+    def future_text(self, start: str = "action") -> str:
+        """fwm.trajectories.future.what_follows for this step. The spoiler check reads it from a_t on
+        (start="action": an entity the agent is about to name but has not seen is still unseen);
+        grounding reads it from the observation of a_t on (the data config's blocks.future_start)."""
+        return what_follows(self.actions, self.observations, self.step, start)
 
 
 def gold_chain_terms(task: Task) -> list[str]:
@@ -79,16 +80,6 @@ def gold_chain_terms(task: Task) -> list[str]:
         if isinstance(step, dict) and isinstance(step.get("after"), int):
             terms.append(str(step["after"]))
     return terms + list(task.answers)
-
-
-def _occurs(normalized_text: str, term: str) -> bool:
-    needle = normalize_answer(term)
-    return bool(needle) and re.search(r"(?<!\w)" + re.escape(needle) + r"(?!\w)", normalized_text) is not None
-
-
-def contains_term(text: str, term: str) -> bool:
-    """Whether normalised `term` occurs in normalised `text` at word boundaries (empty terms never do)."""
-    return _occurs(normalize_answer(text), term)
 
 
 def spoiler_terms(context: StepContext, entity_names: Iterable[str] = ()) -> list[str]:

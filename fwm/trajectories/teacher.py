@@ -8,7 +8,11 @@ WM-AMT block rules). The confidence is not the teacher's to choose: the caller p
 Carlo estimate) and the writer puts it in the block.
 
 The teacher's reply is input like any model output: it is parsed with fwm.schema, checked for
-spoilers with check_block, and a malformed or leaking reply is retried (telling the teacher what was
+spoilers with check_block, its keywords are grounded like the rule writer's (kept only if they occur in
+what follows a_t, fwm.trajectories.future.what_follows from `future_start`; the others are dropped and
+counted, and a reply with no grounded keyword where something follows is retried like a malformed
+one), and a malformed or
+leaking reply is retried (telling the teacher what was
 wrong unless retry_with_feedback is off); connection errors, timeouts, 408/429 and 5xx answers are
 retried with exponential backoff. When every try fails the writer raises BlockRejected with the
 reasons. Only a misconfigured endpoint (401/403/404: wrong URL, model or key), which would fail every
@@ -32,9 +36,13 @@ import requests
 
 from fwm.configlib import nearest
 from fwm.envs.jsonl import write_json
-from fwm.schema import (ANALYSIS, IMAGINARY, KEYWORD, STATE, Action, WorldModelBlock, format_ok,
+from fwm.schema import (ANALYSIS, IMAGINARY, KEYWORD, STATE, Action, WorldModelBlock, check_confidence, format_ok,
                         parse_response, render_world_model)
+from fwm.trajectories.future import FUTURE_STARTS, keyword_found
 from fwm.trajectories.spoilers import BlockRejected, StepContext, check_block
+
+__all__ = ["TeacherBlockWriter", "TeacherError", "TeacherStats", "block_from_reply", "check_confidence",
+           "ground_keywords", "user_message", "SYSTEM_PROMPT", "MAX_BACKOFF_S"]
 
 # The longest wait between two tries, whatever the backoff base and the number of failures.
 MAX_BACKOFF_S = 60.0
@@ -55,13 +63,16 @@ the steps it has taken so far, and -- hidden from the agent -- what actually hap
 on, so that your block is grounded in the real future.
 
 Rules:
-1. <imaginary>: a roadmap of the steps ahead, from the next action to the final answer, in a few \
-short sentences that follow what actually happens next. Its first step is a concrete next-step \
-intent: what the agent does right now and what it expects to learn from it. Every entity, number or \
+1. <imaginary>: a roadmap of the steps this trajectory really takes, from the next action to the end \
+of the episode, in a few short sentences: each action as it actually happens -- detours, mistakes, \
+recoveries and a wrong or missing final answer included -- with what it finds. Its first step is a \
+concrete description of the action right after your block (the action marked below) and what it \
+finds; never describe the ideal plan where the agent does something else. Every entity, number or \
 answer the agent has not seen yet appears only as an abstract placeholder in square brackets, such \
 as [the company], [the founder's birthplace] or [the final answer]; never its real value.
-2. <keyword>: two to five terms the agent expects to meet in what comes next, separated by '; '. \
-Use relation words, kinds of entities, and names the agent has already seen.
+2. <keyword>: two to five terms, separated by '; ', that occur in what follows the next action: its \
+result and the later steps (a term that only repeats the next action's own query or answer does not \
+count). Use relation words, kinds of entities, and names the agent has already seen.
 3. <analysis>: a gap analysis in one or two sentences: what is already known, and what is still \
 missing to answer the question.
 4. Never write any of the forbidden terms listed in the request, in any element.
@@ -97,16 +108,11 @@ class TeacherStats:
     malformed_replies: int = 0       # replies that were not exactly the three block elements
     spoiler_replies: int = 0         # well-formed replies that named a forbidden term
     rejections: int = 0              # steps that ended in BlockRejected
+    ungrounded_keywords: int = 0     # keywords dropped from accepted blocks: not found in what follows a_t
+    ungrounded_replies: int = 0      # otherwise valid replies with no grounded keyword (retried)
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
-
-
-def check_confidence(confidence: Any) -> int:
-    """The confidence as an int in [0, 100]; ValueError otherwise (a caller's bug, not teacher output)."""
-    if isinstance(confidence, bool) or not hasattr(confidence, "__index__") or not 0 <= confidence <= 100:
-        raise ValueError(f"confidence must be an int in [0, 100] (a Monte Carlo estimate), got {confidence!r}")
-    return int(confidence)
 
 
 def block_from_reply(reply: Any, confidence: int) -> WorldModelBlock:
@@ -141,6 +147,19 @@ def block_from_reply(reply: Any, confidence: int) -> WorldModelBlock:
     except ValueError as error:
         raise BlockRejected(f"malformed reply: {error}") from None
     return block
+
+
+def ground_keywords(block: WorldModelBlock, context: StepContext, future_start: str) -> tuple[WorldModelBlock, int]:
+    """(the block with only its keywords found in what follows a_t, how many were dropped), by the rule
+    writer's grounding test (fwm.trajectories.future). BlockRejected when none is left although something
+    follows; where nothing does (the final answer, with future_start "observation") the block keeps no
+    keyword, as the rule writer's does."""
+    future = context.future_text(future_start)
+    kept = [keyword for keyword in block.keywords if keyword_found(keyword, future)]
+    if not kept and future.strip():
+        raise BlockRejected(f"no keyword occurs in what follows the next action (keywords "
+                            f"{'; '.join(block.keywords)!r}); write terms its result or later steps contain")
+    return dataclasses.replace(block, keywords=kept), len(block.keywords) - len(kept)
 
 
 def _truncate(text: str, max_chars: int) -> str:
@@ -197,6 +216,7 @@ class TeacherBlockWriter:
     cache_dir: directory of the reply cache ("" disables it).
     retry_with_feedback: on a bad reply, the next try shows the teacher its reply and what was wrong.
     max_observation_chars: each observation shown to the teacher is cut to this many characters (0: no cut).
+    future_start: where "what follows" starts for keyword grounding (fwm.trajectories.future.FUTURE_STARTS).
 
     One writer per thread (the HTTP session and the stats are not shared-safe); the cache may be
     shared by any number of writers and processes.
@@ -204,7 +224,8 @@ class TeacherBlockWriter:
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "", temperature: float = 0.0,
                  max_tokens: int = 512, timeout_s: float = 60.0, max_retries: int = 3, backoff_s: float = 1.0,
-                 cache_dir: str = "", retry_with_feedback: bool = True, max_observation_chars: int = 2000):
+                 cache_dir: str = "", retry_with_feedback: bool = True, max_observation_chars: int = 2000,
+                 future_start: str = "observation"):
         for name, value, ok, expected in (
                 ("base_url", base_url, isinstance(base_url, str) and base_url.startswith(("http://", "https://")),
                  "an http:// or https:// URL"),
@@ -218,7 +239,8 @@ class TeacherBlockWriter:
                 ("cache_dir", cache_dir, isinstance(cache_dir, (str, os.PathLike)), "a directory path or ''"),
                 ("retry_with_feedback", retry_with_feedback, isinstance(retry_with_feedback, bool), "a bool"),
                 ("max_observation_chars", max_observation_chars,
-                 _is_int(max_observation_chars) and max_observation_chars >= 0, "an int >= 0")):
+                 _is_int(max_observation_chars) and max_observation_chars >= 0, "an int >= 0"),
+                ("future_start", future_start, future_start in FUTURE_STARTS, f"one of {FUTURE_STARTS}")):
             if not ok:
                 raise ValueError(f"TeacherBlockWriter: {name} must be {expected}, got {value!r}")
         api_key = ""
@@ -233,6 +255,7 @@ class TeacherBlockWriter:
         self.timeout_s, self.max_retries, self.backoff_s = float(timeout_s), int(max_retries), float(backoff_s)
         self.cache_dir = os.fspath(cache_dir)
         self.retry_with_feedback, self.max_observation_chars = retry_with_feedback, int(max_observation_chars)
+        self.future_start = future_start
         if self.cache_dir:
             os.makedirs(self.cache_dir, exist_ok=True)  # a bad cache_dir fails here, not after a paid request
         self.stats = TeacherStats()
@@ -282,7 +305,7 @@ class TeacherBlockWriter:
         forbidden = list(forbidden)
         messages = self.messages(context, forbidden)
         key = self.cache_key(messages)
-        cached = self._read_cache(key, confidence, forbidden)
+        cached = self._read_cache(key, confidence, forbidden, context)
         if cached is not None:
             self.stats.cache_hits += 1
             self.stats.blocks += 1
@@ -322,6 +345,15 @@ class TeacherBlockWriter:
                 last_leaked = True
                 conversation = self._feedback(messages, reply, f"{rejection}; write these only as placeholders")
                 continue
+            try:
+                block, dropped = ground_keywords(block, context, self.future_start)
+            except BlockRejected as rejection:
+                self.stats.ungrounded_replies += 1
+                problems.append(f"try {attempt + 1}: {rejection}")
+                last_leaked = False
+                conversation = self._feedback(messages, reply, str(rejection))
+                continue
+            self.stats.ungrounded_keywords += dropped
             if self.cache_dir:
                 write_json(self.cache_path(key), {"key": key, "model": self.model, "reply": reply})
             self.stats.blocks += 1
@@ -368,7 +400,8 @@ class TeacherBlockWriter:
                                     f"{error}; body {body!r})") from None
 
     # ---------------------------------------------------------------------------------------- cache
-    def _read_cache(self, key: str, confidence: int, forbidden: Sequence[str]) -> WorldModelBlock | None:
+    def _read_cache(self, key: str, confidence: int, forbidden: Sequence[str],
+                    context: StepContext) -> WorldModelBlock | None:
         """The cached block for `key`, or None: no cache, no entry, or an entry that does not validate."""
         if not self.cache_dir:
             return None
@@ -384,7 +417,10 @@ class TeacherBlockWriter:
         try:
             if not isinstance(entry, dict) or entry.get("key") != key:
                 raise BlockRejected(f"{path}: not a cache entry for this key")
-            return check_block(block_from_reply(entry.get("reply"), confidence), forbidden)
+            block, dropped = ground_keywords(check_block(block_from_reply(entry.get("reply"), confidence), forbidden),
+                                             context, self.future_start)
+            self.stats.ungrounded_keywords += dropped
+            return block
         except BlockRejected:  # overwritten when the teacher's new reply is accepted
             self.stats.corrupt_cache_entries += 1
             return None
