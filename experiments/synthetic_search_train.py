@@ -50,8 +50,8 @@ def get_config(arg=None, where="experiments/synthetic_search_train.py"):
     config = default_config()
     config.stage, config.data.corpus, config.train.epochs = STAGES[chosen[0]]
     # data.manifest: the `fwm data` workdir, given on the command line (--config.data.manifest=DIR).
-    # SFT prompts hold up to the data config's prompt_budget (1024 tokens) of history; longer samples lose
-    # their oldest prompt tokens (the share is logged as truncated_share).
+    # `fwm data` fits SFT samples to corpora.sft_max_tokens = 1024 tokens of the world's tokenizer; a longer
+    # sample would lose its oldest prompt tokens here (the share is logged as truncated_share).
     config.data.seq_len = 1024 if config.stage == "sft" else 256
     config.data.batch_size = 16
     config.model.update(dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=344,
@@ -65,9 +65,9 @@ def get_config(arg=None, where="experiments/synthetic_search_train.py"):
     config.train.eval_every = 200
     config.train.keep_ckpts = 2
     if "runlocal" in variants:
-        config.data.seq_len = 512 if config.stage == "sft" else 128
+        config.data.seq_len = 1024 if config.stage == "sft" else 128
         config.data.batch_size = 8
-        config.model.update(dict(hidden_size=64, num_layers=2, head_dim=16, mlp_dim=172, max_seq_len=512))
+        config.model.update(dict(hidden_size=64, num_layers=2, head_dim=16, mlp_dim=172, max_seq_len=1024))
         config.tokenizer.train.vocab_size = 512
         config.optim.warmup_steps = 2
         config.train.epochs = min(config.train.epochs, 1.0)

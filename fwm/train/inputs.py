@@ -77,9 +77,9 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     d.eval_files = tuple(d.eval_files) or corpus.eval_files
     d.trained_roles = tuple(d.trained_roles) or corpus.trained_roles
     resolved.tokenizer.path = resolved.tokenizer.path or manifest.tokenizer
-    logging.info("data from %s, corpus %r: %d train file(s), %d eval file(s), trained roles %s, tokenizer %s",
-                 manifest.path, corpus.name, len(d.train_files), len(d.eval_files),
-                 d.trained_roles or "per record", resolved.tokenizer.path or "(none named)")
+    roles = f", trained roles {d.trained_roles or 'per record'}" if corpus.stage == "lm" else ""
+    logging.info("data from %s, corpus %r: %d train file(s), %d eval file(s)%s, tokenizer %s", manifest.path,
+                 corpus.name, len(d.train_files), len(d.eval_files), roles, resolved.tokenizer.path or "(none named)")
     return resolved
 
 
