@@ -29,7 +29,7 @@ from fwm.configlib import parse_variants
 
 # variant -> (stage, corpus of the manifest, epochs)
 STAGES = {
-    "pretrain": ("pretrain", "pretrain", 20.0),  # a small document corpus: many passes to learn the facts
+    "pretrain": ("pretrain", "pretrain", 10.0),  # a small document corpus: many passes to learn the facts
     "mid_train_plain": ("mid_train", "mid_train_plain", 1.0),
     "mid_train_wm": ("mid_train", "mid_train_wm", 1.0),
     "iwm": ("mid_train", "iwm", 1.0),
@@ -54,6 +54,7 @@ def get_config(arg=None, where="experiments/synthetic_search_train.py"):
     # sample would lose its oldest prompt tokens here (the share is logged as truncated_share).
     config.data.seq_len = 1024 if config.stage == "sft" else 256
     config.data.batch_size = 16
+    config.data.pack = config.stage == "sft"  # first-fit packing of whole samples: ~1/3 fewer padded tokens
     config.model.update(dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, mlp_dim=344,
                              max_seq_len=1024))
     config.tokenizer.train.vocab_size = 1024  # only used when the manifest names no tokenizer (stage 0 trains one)
