@@ -277,3 +277,18 @@ def test_eval_runs_at_the_end_over_each_eval_record_once(tmp_path, tokenizer_pat
     evals = [r for r in read_jsonl(tmp_path / "w" / "metrics.jsonl") if "eval_loss" in r]
     assert [r["step"] for r in evals] == [2, 3]  # every eval_every steps and at the end
     assert all(r["eval_tokens"] == expected for r in evals)  # 3 small records, each counted once
+
+
+def test_epochs_set_the_steps_and_the_learning_rate_schedule(tmp_path, tokenizer_path):
+    from fwm.train.state import learning_rate_schedule
+
+    config = _tiny_config("runlocal")
+    config.tokenizer.path, config.train.workdir = tokenizer_path, str(tmp_path)
+    config.train.epochs, config.data.eval_files = 0.1, ()
+    result = loop.run(config)
+    steps = inputs.total_steps(config, inputs.prepare_tokenizer(config)[0])
+    assert result.step == steps != config.train.steps
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    expected = learning_rate_schedule(config.optim, steps)(steps - 1)  # decays to its end at the derived step count
+    assert np.isclose(records[-1]["lr"], float(expected)) and records[-1]["lr"] < config.optim.lr / 2
+    assert load_meta(tmp_path / "checkpoints" / str(steps))["config"]["train"]["steps"] == steps

@@ -203,6 +203,9 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     tokenizer, tok_path = inputs.prepare_tokenizer(config, reference)
     os.makedirs(workdir, exist_ok=True)
     total_steps = inputs.total_steps(config, tokenizer)
+    if total_steps != config.train.steps:  # from train.epochs: one step count for the schedule, the steps, the meta
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.train.steps = total_steps
     train_data = inputs.make_dataset(config, tokenizer, config.data.train_files, train=True)
     eval_data = (inputs.make_dataset(config, tokenizer, config.data.eval_files, train=False)
                  if config.data.eval_files else None)
