@@ -31,6 +31,20 @@ def test_defaults_and_experiment_variants_validate():
         _load_experiment("tiny", "sfft")
 
 
+@pytest.mark.parametrize("name", ["synthetic_search_train", "synthetic_math_train"])
+def test_synthetic_training_configs_validate_and_compare_arms_at_equal_epochs(name):
+    stages = ("pretrain", "mid_train_plain", "mid_train_wm", "iwm", "sft_plain", "sft_state", "sft_full")
+    for stage in stages:
+        for arg in (stage, f"{stage},runlocal"):
+            config = config_lib.validate(_load_experiment(name, arg))
+            assert config.data.corpus == stage and config.train.epochs > 0 and not config.tokenizer.path
+    plain, wm = (_load_experiment(name, f"mid_train_{arm}") for arm in ("plain", "wm"))
+    plain.data.corpus = wm.data.corpus
+    assert plain.to_dict() == wm.to_dict()  # the arms differ by their corpus only
+    with pytest.raises(ValueError, match="exactly one stage"):
+        _load_experiment(name, "sft_full,iwm")
+
+
 @pytest.mark.parametrize("path, typo, nearest", [
     ("optim", "warmup_step", "warmup_steps"),
     ("model", "hiden_size", "hidden_size"),
