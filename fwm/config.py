@@ -175,9 +175,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     _require(c.train.eval_batches >= 0, "train.eval_batches", "an int >= 0 (0: the whole eval split)",
              c.train.eval_batches)
     _require(c.train.epochs >= 0, "train.epochs", "a number >= 0 (0: use train.steps)", c.train.epochs)
-    _require(bool(c.data.corpus) == bool(c.data.manifest), "data.corpus" if c.data.manifest else "data.manifest",
-             "data.manifest and data.corpus set together (a `fwm data` manifest and a corpus name in it)",
-             c.data.corpus or c.data.manifest)
+    if c.data.corpus and not c.data.manifest:
+        raise ConfigError(f"config key 'data.manifest' is empty, but data.corpus={c.data.corpus!r} names a corpus of "
+                          f"one: pass --config.data.manifest=DIR, the workdir of `fwm data` (or its manifest.json)")
+    _require(not c.data.manifest or bool(c.data.corpus), "data.corpus", "a corpus name of data.manifest", "")
     _require(c.train.peak_flops_per_device >= 0, "train.peak_flops_per_device", "a value >= 0 (0: table)",
              c.train.peak_flops_per_device)
     _require(c.tokenizer.train.vocab_size > 0, "tokenizer.train.vocab_size", "a positive int",

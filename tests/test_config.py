@@ -36,7 +36,11 @@ def test_synthetic_training_configs_validate_and_compare_arms_at_equal_epochs(na
     stages = ("pretrain", "mid_train_plain", "mid_train_wm", "iwm", "sft_plain", "sft_state", "sft_full")
     for stage in stages:
         for arg in (stage, f"{stage},runlocal"):
-            config = config_lib.validate(_load_experiment(name, arg))
+            config = _load_experiment(name, arg)
+            with pytest.raises(config_lib.ConfigError, match=r"pass --config.data.manifest=DIR"):
+                config_lib.validate(config)
+            config.data.manifest = "/data/synthetic_search"
+            config_lib.validate(config)
             assert config.data.corpus == stage and config.train.epochs > 0 and not config.tokenizer.path
     plain, wm = (_load_experiment(name, f"mid_train_{arm}") for arm in ("plain", "wm"))
     plain.data.corpus = wm.data.corpus

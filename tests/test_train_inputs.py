@@ -91,7 +91,7 @@ def test_missing_manifest_and_half_set_keys_are_config_errors(tmp_path, data_dir
         inputs.resolve_config(_config(tmp_path / "nowhere", "iwm"))
     config = config_lib.default_config()
     config.data.corpus = "iwm"
-    with pytest.raises(config_lib.ConfigError, match=r"'data.manifest'.*set together"):
+    with pytest.raises(config_lib.ConfigError, match=r"'data.manifest' is empty, but data.corpus='iwm'"):
         config_lib.validate(config)
 
 
