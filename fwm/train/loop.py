@@ -31,9 +31,8 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import logging
-
 import numpy as np
+from absl import logging
 
 from fwm.config import ConfigError, validate
 from fwm.mesh import make_mesh, place_batch
