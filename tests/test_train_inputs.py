@@ -105,3 +105,21 @@ def test_epochs_set_the_step_count_from_the_corpus_size(data_dir):
     sft = inputs.resolve_config(_config(data_dir, "sft_plain", "sft", batch_size=2))
     sft.train.epochs = 3.0
     assert inputs.total_steps(sft, tokenizer) == 2  # 1 sample x 3 epochs / 2 rows per step
+
+
+def test_a_recorded_tokenizer_that_moved_is_found_and_one_that_is_gone_is_named(tmp_path, data_dir):
+    tokenizer = str(data_dir / "corpora" / "world.model")
+    sha = inputs.tokenizer_fingerprint(tokenizer)
+    workdir = tmp_path / "moved"
+    (workdir / "checkpoints" / "5").mkdir(parents=True)
+    copy = inputs.copy_tokenizer(tokenizer, str(workdir))
+    meta = {"tokenizer": "/elsewhere/old_workdir/tokenizer.model", "tokenizer_sha256": sha}
+    found = inputs.recorded_tokenizer(meta, str(workdir / "checkpoints" / "5"), "init.source orbax:X")
+    assert found.path == copy and found.sha256 == sha  # the workdir moved: its copy beside the checkpoint
+    gone = inputs.recorded_tokenizer(meta, str(tmp_path / "nothing_here"), "init.source orbax:Y")
+    config = config_lib.default_config()
+    config.train.workdir = str(tmp_path / "next")
+    with pytest.raises(inputs.TokenizerMismatchError, match=r"orbax:Y was trained with .*no longer there.*tokenizer\.path"):
+        inputs.prepare_tokenizer(config, gone)
+    config.tokenizer.path = tokenizer  # named: checked against the recorded sha256, then used
+    assert inputs.prepare_tokenizer(config, gone)[1] == str(tmp_path / "next" / "tokenizer.model")

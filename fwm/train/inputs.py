@@ -163,9 +163,11 @@ def recorded_tokenizer(meta: dict[str, Any], near: str, where: str) -> RecordedT
     for candidate in candidates:
         if _has_tokenizer(candidate) and (sha is None or tokenizer_fingerprint(candidate) == sha):
             return RecordedTokenizer(candidate, sha or tokenizer_fingerprint(candidate), where)
-    raise TokenizerMismatchError(
-        f"{where} was trained with the tokenizer {recorded} (sha256 {sha}), which is no longer there (nor "
-        f"beside {near}); pass that tokenizer with --config.tokenizer.path=PATH")
+    if sha is None:
+        raise TokenizerMismatchError(
+            f"{where} was trained with the tokenizer {recorded}, which is no longer there (nor beside {near}); "
+            f"pass that tokenizer with --config.tokenizer.path=PATH")
+    return RecordedTokenizer(recorded, sha, where)  # gone, but its sha256 still checks a named tokenizer
 
 
 def source_tokenizer(source: str) -> RecordedTokenizer | None:
@@ -247,6 +249,10 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, reference: RecordedToke
         _check_same(named, reference, bool(config.tokenizer.allow_change), named_by)
         chosen = named
     elif reference is not None:
+        if not _has_tokenizer(reference.path):
+            raise TokenizerMismatchError(
+                f"{reference.where} was trained with the tokenizer {reference.path} (sha256 {reference.sha256[:12]}), "
+                f"which is no longer there; pass that tokenizer with --config.tokenizer.path=PATH")
         chosen = reference.path
         logging.info("tokenizer: %s, the one %s was trained with", chosen, reference.where)
     else:
