@@ -34,6 +34,7 @@ corpus is split by trajectory into NAME.jsonl and NAME_eval.jsonl (`eval_fractio
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -252,7 +253,14 @@ def make_token_counter(tokenizer_path: str) -> tuple[Callable[[str], int], str]:
     from fwm.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path)
-    return (lambda text: len(tokenizer.encode(text))), f"tokens of {tokenizer_path}"
+
+    # The same segments recur across corpora (plain, WM-AMT, IWM, SFT) and render_prompt probes the same
+    # prompts more than once: counting each text once halves the stage's time.
+    @functools.lru_cache(maxsize=1 << 17)
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text))
+
+    return count, f"tokens of {tokenizer_path}"
 
 
 @dataclasses.dataclass
