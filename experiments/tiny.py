@@ -24,7 +24,7 @@ def get_config(arg=None):
     kind = "sft" if config.stage == "sft" else "lm"
     config.data.train_files = (os.path.join(DATA, f"{kind}_train.jsonl"),)
     config.data.eval_files = (os.path.join(DATA, f"{kind}_eval.jsonl"),)
-    config.data.seq_len = 64 if kind == "lm" else 128
+    config.data.seq_len = 64 if kind == "lm" else 160  # SFT samples are 138-152 tokens: none truncated
     config.data.batch_size = 8
 
     config.tokenizer.train.vocab_size = 512
@@ -39,7 +39,6 @@ def get_config(arg=None):
     config.train.log_every = 5
     config.train.ckpt_every = 20
     config.train.eval_every = 20
-    config.train.eval_batches = 2
     config.train.keep_ckpts = 2
     if "runlocal" in variants:
         config.train.steps = 8

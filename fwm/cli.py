@@ -5,9 +5,11 @@ Grain worker processes (which re-import the main module) stay cheap.
 """
 from __future__ import annotations
 
+import contextlib
 import logging as pylogging
 import os
 import sys
+from typing import Iterator
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -20,6 +22,40 @@ _TRAIN_CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string("workdir", None, "train: the stage's directory (checkpoints, metrics.jsonl, TensorBoard, "
                     "tokenizer); data: where the world, trajectories, blocks, corpora and stats.json go")
+
+
+def _known_error(err: BaseException) -> BaseException | None:
+    """The first error in err's chain (raised from, or during the handling of) that carries a message meant
+    for the user: a bad config, a bad record or data file (Grain re-raises it wrapped), a missing path, a
+    tokenizer mismatch, a diverged run."""
+    from fwm.configlib import ConfigError
+    from fwm.data.records import BadRecordError
+    from fwm.files import DataFormatError
+    from fwm.train.inputs import TokenizerMismatchError
+    from fwm.train.loop import NonFiniteLossError
+
+    known = (ConfigError, BadRecordError, DataFormatError, TokenizerMismatchError, NonFiniteLossError,
+             FileNotFoundError)
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, known):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _known_errors_as_messages(command: str) -> Iterator[None]:
+    """Known errors end the command with their one-line message and exit status 1; --verbosity=1 keeps the
+    traceback (as does any other error)."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 -- filtered by _known_error, everything else re-raised
+        known = _known_error(err)
+        if known is None or FLAGS.verbosity >= 1:
+            raise
+        sys.exit(f"{command}: {known} (--verbosity=1 shows the traceback)")
 
 
 def _cmd_convert(args: list[str]) -> None:
@@ -41,16 +77,14 @@ def _cmd_convert(args: list[str]) -> None:
         logging.info("copied tokenizer files %s", ", ".join(copied))
 
 
-# Files that travel with a model so the converted directory stays usable on its own.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                    "generation_config.json", "vocab.json", "merges.txt")
-
-
 def _copy_tokenizer_files(src: str, dst: str) -> list[str]:
+    """Copies the files that travel with a model (tokenizer, generation config) so DST stands on its own."""
     import shutil
 
+    from fwm.train.inputs import TOKENIZER_FILES
+
     copied = []
-    for name in _TOKENIZER_FILES:
+    for name in TOKENIZER_FILES + ("generation_config.json",):
         path = os.path.join(src, name)
         if os.path.isfile(path) and not os.path.exists(os.path.join(dst, name)):
             shutil.copyfile(path, os.path.join(dst, name))
@@ -80,7 +114,8 @@ def _cmd_train(args: list[str]) -> None:
     if not config.train.workdir:
         raise app.UsageError("fwm train needs --workdir DIR (or train.workdir in the config)")
     module_name, function_name = config_lib.STAGES[config.stage].split(":")
-    result = getattr(importlib.import_module(module_name), function_name)(config)
+    with _known_errors_as_messages("fwm train"):
+        result = getattr(importlib.import_module(module_name), function_name)(config)
     logging.info("%s done: %s", config.stage, result)
 
 
@@ -107,7 +142,9 @@ def _cmd_data(args: list[str]) -> None:
         sys.exit(f"fwm data: {err}")
     if not config.workdir:
         raise app.UsageError(usage)
-    print(pipeline.format_stats(pipeline.run(config)), flush=True)
+    with _known_errors_as_messages("fwm data"):
+        stats = pipeline.run(config)
+    print(pipeline.format_stats(stats), flush=True)
 
 
 def _cmd_eval(args: list[str]) -> None:

@@ -20,7 +20,6 @@ import ml_collections
 
 from fwm import configlib
 from fwm.configlib import ConfigError, require as _require
-from fwm.data.features import DEFAULT_TRAINED_ROLES
 from fwm.data.records import ON_BAD_RECORD, ROLES
 from fwm.model.transformer import ModelConfig
 from fwm.schema import VARIANTS
@@ -54,10 +53,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
     c.model.vocab_size = 0
 
-    # tokenizer.path: a SentencePiece .model or an HF tokenizer.json / directory; '' means
-    # WORKDIR/tokenizer.model, trained from data.train_files on first use (settings in `train`).
+    # tokenizer.path: a SentencePiece .model or an HF tokenizer.json / directory. '' means, in order:
+    # the tokenizer recorded by init.source's checkpoint (or an hf: directory's own), the manifest's
+    # (data.manifest), the workdir's own copy, else one trained into WORKDIR/tokenizer.model from
+    # data.train_files (settings in `train`). Every run copies its tokenizer into the workdir and
+    # records it (path and sha256) in each checkpoint's meta, so the next stage finds it.
+    # A tokenizer that differs from the one the parameters were trained with (the source checkpoint's,
+    # or this workdir's checkpoint on resume) stops the run unless allow_change=True.
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.path = ""
+    c.tokenizer.allow_change = False
     c.tokenizer.train = ml_collections.ConfigDict()
     c.tokenizer.train.vocab_size = 512
     c.tokenizer.train.max_texts = 20000        # texts read from data.train_files to train it
@@ -65,11 +70,23 @@ def default_config() -> ml_collections.ConfigDict:
     c.tokenizer.train.seed = 0
 
     c.data = ml_collections.ConfigDict()
+    # data.manifest: a `fwm data` corpora manifest (its manifest.json, the corpora directory or the data
+    # workdir); data.corpus: a corpus name in it. At start-up they fill train_files, eval_files,
+    # trained_roles and tokenizer.path from the manifest; keys set explicitly win.
+    c.data.manifest = ""
+    c.data.corpus = ""
     c.data.train_files = ()                    # JSONL / Parquet / ArrayRecord files (globs allowed)
-    c.data.eval_files = ()                     # held-out split; empty: no periodic eval
+    c.data.eval_files = ()                     # held-out split; empty: no eval
     c.data.seq_len = 128
-    c.data.batch_size = 8                      # global rows per step (split over processes)
-    c.data.trained_roles = tuple(DEFAULT_TRAINED_ROLES)  # LM stages: what is a target
+    c.data.batch_size = 8                      # global rows per step (split over processes); a multiple of
+                                               # mesh data x fsdp (the axes batch rows shard over)
+    # LM stages: the roles that are targets. () (unset): each record's own "trained_roles" (an IWM
+    # record trains its observation only), else DEFAULT_TRAINED_ROLES, i.e. everything but
+    # "observation": tool output is never a target. The paper's WM-AMT is "plain NLL on the whole
+    # trajectory"; this project masks observations in BOTH mid-training arms by default (the arms
+    # still differ only by the block). To train observations too, set
+    # data.trained_roles=("document","prompt","world_model","policy","action","observation").
+    c.data.trained_roles = ()
     c.data.pack = False                        # SFT: first-fit pack samples into rows
     c.data.add_bos = True
     c.data.add_eos = True
@@ -96,11 +113,16 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
+    # epochs > 0 replaces `steps`: steps = ceil(epochs x rows of one epoch / data.batch_size), rows
+    # counted at start-up by tokenizing the training files once (LM: packed rows of seq_len; SFT: one
+    # row per sample, packed: tokens / seq_len). Arms compared at equal epochs; on a large corpus
+    # prefer `steps` (the count reads every file).
+    c.train.epochs = 0.0
     c.train.log_every = 10
     c.train.ckpt_every = 200
     c.train.keep_ckpts = 3
-    c.train.eval_every = 200
-    c.train.eval_batches = 8
+    c.train.eval_every = 200                   # and always at the last step
+    c.train.eval_batches = 0                   # cap on batches per eval; 0: every eval record, once
     c.train.seed = 0
     c.train.workdir = ""                       # set by --workdir
     c.train.async_checkpoint = True
@@ -187,8 +209,15 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     _require(c.optim.micro_batches >= 1, "optim.micro_batches", "an int >= 1", c.optim.micro_batches)
     _require(c.data.batch_size % c.optim.micro_batches == 0, "optim.micro_batches",
              f"a divisor of data.batch_size={c.data.batch_size}", c.optim.micro_batches)
-    for name in ("steps", "log_every", "ckpt_every", "keep_ckpts", "eval_every", "eval_batches"):
+    for name in ("steps", "log_every", "ckpt_every", "keep_ckpts", "eval_every"):
         _require(c.train[name] >= 1, f"train.{name}", "an int >= 1", c.train[name])
+    _require(c.train.eval_batches >= 0, "train.eval_batches", "an int >= 0 (0: the whole eval split)",
+             c.train.eval_batches)
+    _require(c.train.epochs >= 0, "train.epochs", "a number >= 0 (0: use train.steps)", c.train.epochs)
+    if c.data.corpus and not c.data.manifest:
+        raise ConfigError(f"config key 'data.manifest' is empty, but data.corpus={c.data.corpus!r} names a corpus of "
+                          f"one: pass --config.data.manifest=DIR, the workdir of `fwm data` (or its manifest.json)")
+    _require(not c.data.manifest or bool(c.data.corpus), "data.corpus", "a corpus name of data.manifest", "")
     _require(c.train.peak_flops_per_device >= 0, "train.peak_flops_per_device", "a value >= 0 (0: table)",
              c.train.peak_flops_per_device)
     _require(c.tokenizer.train.vocab_size > 0, "tokenizer.train.vocab_size", "a positive int",

@@ -9,6 +9,7 @@ use it without knowing the stages downstream of it.
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, Iterable, Mapping
 
 import ml_collections
@@ -18,12 +19,49 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the dotted key and what was expected."""
 
 
+# Names users bring from other trainers (HF, optax, PyTorch) -> ours. Checked first, because no
+# string distance links 'learning_rate' to 'lr' (difflib prefers 'min_lr_ratio').
+ALIASES: dict[str, str] = {
+    "learning_rate": "lr", "learningrate": "lr", "peak_lr": "lr", "max_lr": "lr",
+    "beta1": "b1", "beta2": "b2", "adam_beta1": "b1", "adam_beta2": "b2", "epsilon": "eps", "adam_eps": "eps",
+    "wd": "weight_decay", "decay": "weight_decay", "grad_clip": "clip_norm", "max_grad_norm": "clip_norm",
+    "gradient_clipping": "clip_norm", "clip": "clip_norm", "warmup": "warmup_steps", "num_warmup_steps": "warmup_steps",
+    "lr_schedule": "schedule", "scheduler": "schedule", "grad_accum": "micro_batches",
+    "gradient_accumulation_steps": "micro_batches", "accumulation_steps": "micro_batches",
+    "num_steps": "steps", "max_steps": "steps", "total_steps": "steps", "train_steps": "steps",
+    "num_epochs": "epochs", "bs": "batch_size", "batch": "batch_size", "global_batch_size": "batch_size",
+    "max_length": "seq_len", "max_len": "seq_len", "seq_length": "seq_len", "sequence_length": "seq_len",
+    "context_length": "seq_len", "output_dir": "workdir", "out_dir": "workdir", "tokenizer_path": "path",
+    "from": "source", "checkpoint": "source", "init_from": "source", "n_layers": "num_layers",
+    "num_hidden_layers": "num_layers", "d_model": "hidden_size", "n_heads": "num_heads",
+    "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads", "intermediate_size": "mlp_dim",
+}
+
+
+def _words(name: str) -> list[str]:
+    return [w for w in re.split(r"[_\W]+", name.lower()) if w]
+
+
+def _similarity(name: str, option: str) -> tuple[float, float, float]:
+    """(abbreviation match, shared words, string ratio): compared in that order."""
+    name_words, option_words = _words(name), _words(option)
+    initials = lambda words: "".join(w[0] for w in words)  # noqa: E731
+    abbreviation = float(len(name_words) > 1 and initials(name_words) == option.lower()
+                         or len(option_words) > 1 and initials(option_words) == name.lower())
+    union = set(name_words) | set(option_words)
+    overlap = len(set(name_words) & set(option_words)) / len(union) if union else 0.0
+    return abbreviation, overlap, difflib.SequenceMatcher(None, name.lower(), option.lower()).ratio()
+
+
 def nearest(name: str, options: Iterable[str]) -> str:
-    """'did you mean X?' with the closest option by difflib's ratio, then every valid key."""
+    """'did you mean X?' with X: a known alias (ALIASES) among the options, else the option whose
+    initials `name` abbreviates (or the reverse), else most shared '_'-words, else closest by
+    difflib's ratio; then every valid key."""
     options = sorted(options)
     if not options:
         return "this section has no keys"
-    best = max(options, key=lambda option: difflib.SequenceMatcher(None, name, option).ratio())
+    alias = ALIASES.get(name.lower())
+    best = alias if alias in options else max(options, key=lambda option: _similarity(name, option))
     return f"did you mean {best!r}? (valid keys here: {', '.join(options)})"
 
 

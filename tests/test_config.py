@@ -31,11 +31,38 @@ def test_defaults_and_experiment_variants_validate():
         _load_experiment("tiny", "sfft")
 
 
+@pytest.mark.parametrize("name", ["synthetic_search_train", "synthetic_math_train"])
+def test_synthetic_training_configs_validate_and_compare_arms_at_equal_epochs(name):
+    stages = ("mid_train_plain", "mid_train_wm", "iwm", "sft_plain", "sft_state", "sft_full")
+    if name == "synthetic_math_train":  # no documents in the arithmetic world: no stage 0
+        with pytest.raises(ValueError, match="no stage 0"):
+            _load_experiment(name, "pretrain,runlocal")
+    else:
+        stages += ("pretrain",)
+    for stage in stages:
+        for arg in (stage, f"{stage},runlocal"):
+            config = _load_experiment(name, arg)
+            with pytest.raises(config_lib.ConfigError, match=r"pass --config.data.manifest=DIR"):
+                config_lib.validate(config)
+            config.data.manifest = "/data/synthetic_search"
+            config_lib.validate(config)
+            assert config.data.corpus == stage and config.train.epochs > 0 and not config.tokenizer.path
+    plain, wm = (_load_experiment(name, f"mid_train_{arm}") for arm in ("plain", "wm"))
+    plain.data.corpus = wm.data.corpus
+    assert plain.to_dict() == wm.to_dict()  # the arms differ by their corpus only
+    with pytest.raises(ValueError, match="exactly one stage"):
+        _load_experiment(name, "sft_full,iwm")
+
+
 @pytest.mark.parametrize("path, typo, nearest", [
     ("optim", "warmup_step", "warmup_steps"),
     ("model", "hiden_size", "hidden_size"),
     ("tokenizer.train", "vocab_sise", "vocab_size"),
     ("", "stag", "stage"),
+    ("optim", "learning_rate", "lr"),        # an alias: difflib alone says 'min_lr_ratio'
+    ("optim", "max_grad_norm", "clip_norm"),
+    ("data", "batchsize", "batch_size"),
+    ("train", "num_epochs", "epochs"),
 ])
 def test_unknown_key_names_full_path_and_nearest(path, typo, nearest):
     config = config_lib.default_config()

@@ -206,6 +206,52 @@ def test_lm_example_loss_weights_follow_roles(tokenizer):
     assert everything["loss_weights"][:-1].all()
 
 
+def _iwm_record():
+    return {"id": "iwm0", "trained_roles": ["observation"], "segments": [
+        {"role": "prompt", "text": "question city river "},
+        {"role": "action", "text": "<action><search>north bridge</search></action>"},
+        {"role": "observation", "text": f"<information>{OBSERVATION_WORD} museum year</information>"}]}
+
+
+def test_record_trained_roles_decide_the_targets_unless_the_run_sets_them(tmp_path, tokenizer):
+    path = _write_jsonl(tmp_path / "iwm.jsonl", [_iwm_record()])
+    observation = _iwm_record()["segments"][2]["text"]
+
+    def trained_text(**kwargs):
+        (batch,) = pipelines.lm_pipeline(path, tokenizer, seq_len=64, batch_size=1, num_epochs=1, shuffle=False,
+                                         drop_remainder=False, process_index=0, process_count=1, **kwargs)
+        targets, weights = batch["targets_BxL"][0], batch["loss_weights_BxL"][0]
+        return tokenizer.decode(targets[weights > 0].tolist())
+
+    # Default settings (trained_roles unset): the record's own roles, i.e. its observation (and EOS) only.
+    assert trained_text().strip() == observation.strip()
+    # A run that sets the roles overrides the record.
+    assert OBSERVATION_WORD not in trained_text(trained_roles=features.DEFAULT_TRAINED_ROLES)
+    # Records without the key keep DEFAULT_TRAINED_ROLES.
+    plain = records.validate_lm(_lm_records(2)[1])
+    assert plain["trained_roles"] is None
+    assert features.roles_for(plain, None) == features.DEFAULT_TRAINED_ROLES
+
+
+def test_record_trained_roles_are_validated():
+    raw = sources.SourceRecord("iwm.jsonl", "line 4", json.dumps(_iwm_record() | {"trained_roles": ["obs"]}))
+    with pytest.raises(records.BadRecordError, match=r"iwm.jsonl, line 4: field 'trained_roles\[0\]'"):
+        records.parse_record(raw, "lm")
+    raw = sources.SourceRecord("iwm.jsonl", "line 5", json.dumps(_iwm_record() | {"trained_roles": "observation"}))
+    with pytest.raises(records.BadRecordError, match=r"line 5: field 'trained_roles'"):
+        records.parse_record(raw, "lm")
+
+
+def test_finite_pass_keeps_every_token_once(tmp_path, tokenizer):
+    docs = _lm_records(13)
+    path = _write_jsonl(tmp_path / "corpus.jsonl", docs)
+    batches = list(pipelines.lm_pipeline(path, tokenizer, seq_len=32, batch_size=4, num_epochs=1, shuffle=False,
+                                         drop_remainder=False, process_index=0, process_count=1))
+    expected = sum(float(features.lm_example(records.validate_lm(d), tokenizer)["loss_weights"].sum()) for d in docs)
+    assert sum(float(b["loss_weights_BxL"].sum()) for b in batches) == expected
+    assert len(batches[-1]["tokens_BxL"]) <= 4  # the last batch may be short: the loop pads it
+
+
 def test_lm_packing_invariants(tmp_path, tokenizer):
     docs = _lm_records(40)
     path = _write_jsonl(tmp_path / "corpus.jsonl", docs)
@@ -292,6 +338,19 @@ def test_sft_truncation_keeps_the_response(tokenizer):
     assert len(example["tokens"]) == 64 and example["tokens"][0] == tokenizer.bos_id
     assert example["tokens"][1:1 + kept].tolist() == prompt_ids[-kept:]  # prompt cut from the left
     assert example["targets"][kept:-1].tolist() == response_ids and example["loss_weights"][kept:-1].all()
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_sft_batches_count_truncated_samples(tmp_path, tokenizer, pack):
+    long_prompt = "question " + " ".join(WORDS * 8)
+    samples = [s | {"prompt": long_prompt} if i % 3 == 0 else s for i, s in enumerate(_sft_records(9))]
+    path = _write_jsonl(tmp_path / "sft.jsonl", samples)
+    lengths = [len(features.sft_example(records.validate_sft(s), tokenizer, seq_len=10_000)["tokens"]) for s in samples]
+    assert max(lengths) > 80 >= min(lengths)
+    batches = list(pipelines.sft_pipeline(path, tokenizer, seq_len=80, batch_size=3, pack=pack, shuffle=False,
+                                          num_epochs=1, drop_remainder=False, process_index=0, process_count=1))
+    assert sum(int(b["samples_B"].sum()) for b in batches) == 9
+    assert sum(int(b["truncated_B"].sum()) for b in batches) == sum(n > 80 for n in lengths)
 
 
 # ---------------------------------------------------------------- RL

@@ -5,6 +5,7 @@ Killed runs are real `python -m fwm.cli train` processes (8 simulated CPU device
 XLA_FLAGS); one tokenizer is trained once and shared so every run sees the same ids.
 """
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -16,11 +17,15 @@ import pytest
 
 from fwm.model.checkpoint import load_meta
 from fwm.train import inputs, loop
-from fwm.train.metrics import read_jsonl
+from fwm.files import read_jsonl as read_jsonl_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "experiments", "tiny.py")
 STEPS = 60
+
+
+def read_jsonl(path):
+    return [row for _, row in read_jsonl_lines(path)]
 
 
 def _tiny_config(arg=None):
@@ -157,3 +162,133 @@ def test_sft_stage_starts_from_the_pretrained_checkpoint(reference, tmp_path, to
     assert "eval_loss_world_model" in records[-1]
     meta = load_meta(tmp_path / "checkpoints" / "8")
     assert meta["stage"] == "sft" and meta["step"] == 8 and meta["config"]["init"]["source"].startswith("orbax:")
+
+
+# ---------------------------------------------------------------- chaining stages, start-up checks, messages
+
+
+def _fwm_train(*args, variant="runlocal"):
+    return subprocess.run([sys.executable, "-m", "fwm.cli", "train", "--config", f"{TINY}:{variant}", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=240)
+
+
+def _one_line_error(proc):
+    """The failure's stderr: exit status 1, the message, no traceback."""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
+
+
+def _sha256(path):
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_next_stage_reuses_the_source_checkpoints_tokenizer(reference, tmp_path, tokenizer_path):
+    workdir = tmp_path / "sft"
+    proc = _fwm_train("--workdir", str(workdir), f"--config.init.source=orbax:{reference[0]}/checkpoints",
+                      "--config.train.steps=2", variant="sft,runlocal")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"the one init.source orbax:{reference[0]}/checkpoints was trained with" in proc.stderr
+    assert _sha256(workdir / "tokenizer.model") == _sha256(tokenizer_path)  # the same ids, not a new tokenizer
+    meta = load_meta(workdir / "checkpoints" / "2")
+    assert meta["tokenizer"] == str(workdir / "tokenizer.model")
+    assert meta["tokenizer_sha256"] == inputs.tokenizer_fingerprint(tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory):
+    from fwm.tokenizer import train_sentencepiece
+
+    texts = list(inputs.corpus_texts(_tiny_config().data.train_files, "lm", 200))
+    path = str(tmp_path_factory.mktemp("other") / "other.model")
+    train_sentencepiece(texts, path, 400)
+    return path
+
+
+def test_a_different_tokenizer_than_the_sources_stops_unless_allowed(reference, tmp_path, other_tokenizer):
+    source = f"orbax:{reference[0]}/checkpoints"
+    proc = _fwm_train("--workdir", str(tmp_path / "w"), f"--config.init.source={source}",
+                      f"--config.tokenizer.path={other_tokenizer}")
+    message = _one_line_error(proc)
+    assert f"names the tokenizer {other_tokenizer}" in message and f"init.source {source} was trained with" in message
+    assert "--config.tokenizer.allow_change=True" in message
+    assert not (tmp_path / "w").exists()  # stopped before writing anything
+
+    config = _tiny_config("runlocal")
+    config.init.source, config.tokenizer.path, config.train.workdir = source, other_tokenizer, str(tmp_path / "ok")
+    config.tokenizer.allow_change, config.train.steps = True, 1
+    assert loop.run(config).step == 1
+    assert load_meta(tmp_path / "ok" / "checkpoints" / "1")["tokenizer_sha256"] == _sha256(other_tokenizer)
+
+
+def test_missing_init_source_is_one_clear_message_and_leaves_nothing_behind(tmp_path):
+    workdir = tmp_path / "w"
+    message = _one_line_error(_fwm_train("--workdir", str(workdir),
+                                         f"--config.init.source=orbax:{tmp_path}/nope/checkpoints"))
+    assert f"{tmp_path}/nope/checkpoints does not exist" in message and "'init.source'" in message
+    assert not workdir.exists()
+
+
+def test_unknown_key_suggests_the_alias(tmp_path):
+    message = _one_line_error(_fwm_train("--workdir", str(tmp_path / "w"), "--config.optim.learning_rate=1e-3"))
+    assert "unknown config key 'optim.learning_rate'" in message and "did you mean 'lr'?" in message
+
+
+def test_corrupted_json_line_is_one_message_naming_file_and_line(tmp_path, tokenizer_path):
+    lines = open(_tiny_config().data.train_files[0]).read().splitlines()[:6]
+    lines[3] = lines[3][: len(lines[3]) // 2]  # a line cut in half
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    message = _one_line_error(_fwm_train("--workdir", str(tmp_path / "w"), f"--config.tokenizer.path={tokenizer_path}",
+                                         f"--config.data.train_files=('{bad}',)", "--config.data.shuffle=False"))
+    assert message.startswith(f"fwm train: {bad}, line 4:") and "invalid JSON" in message
+
+
+def test_batch_size_that_does_not_split_over_the_mesh_names_the_key(tmp_path, tokenizer_path):
+    config = _tiny_config("runlocal")
+    config.tokenizer.path, config.train.workdir = tokenizer_path, str(tmp_path / "w")
+    config.data.batch_size = 12  # 8 simulated devices on the data axis
+    with pytest.raises(loop.ConfigError, match=r"'data.batch_size': 12 rows .* 8 batch shards; use a multiple of 8"):
+        loop.run(config)
+    config.data.batch_size, config.mesh.data, config.mesh.fsdp = 16, 2, 4
+    config.optim.micro_batches = 4  # 4 rows per micro-batch over 8 shards
+    with pytest.raises(loop.ConfigError, match=r"'data.batch_size'.*use a multiple of 32"):
+        loop.run(config)
+    assert not (tmp_path / "w").exists()
+
+
+def test_eval_runs_at_the_end_over_each_eval_record_once(tmp_path, tokenizer_path):
+    from fwm.data import features, records
+    from fwm.tokenizer import load_tokenizer
+
+    docs = [{"id": f"e{i}", "text": text} for i, text in
+            enumerate(list(inputs.corpus_texts(_tiny_config().data.eval_files, "lm", 3)))]
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tokenizer = load_tokenizer(tokenizer_path)
+    expected = sum(float(features.lm_example(records.validate_lm(d), tokenizer)["loss_weights"].sum()) for d in docs)
+    config = _tiny_config("runlocal")
+    config.tokenizer.path, config.train.workdir = tokenizer_path, str(tmp_path / "w")
+    config.data.eval_files, config.train.steps, config.train.eval_every = (str(eval_file),), 3, 2
+    loop.run(config)
+    evals = [r for r in read_jsonl(tmp_path / "w" / "metrics.jsonl") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 3]  # every eval_every steps and at the end
+    assert all(r["eval_tokens"] == expected for r in evals)  # 3 small records, each counted once
+
+
+def test_epochs_set_the_steps_and_the_learning_rate_schedule(tmp_path, tokenizer_path):
+    from fwm.train.state import learning_rate_schedule
+
+    config = _tiny_config("runlocal")
+    config.tokenizer.path, config.train.workdir = tokenizer_path, str(tmp_path)
+    config.train.epochs, config.data.eval_files = 0.1, ()
+    result = loop.run(config)
+    steps = inputs.total_steps(config, inputs.prepare_tokenizer(config)[0])
+    assert result.step == steps != config.train.steps
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    expected = learning_rate_schedule(config.optim, steps)(steps - 1)  # decays to its end at the derived step count
+    assert np.isclose(records[-1]["lr"], float(expected)) and records[-1]["lr"] < config.optim.lr / 2
+    assert load_meta(tmp_path / "checkpoints" / str(steps))["config"]["train"]["steps"] == steps

@@ -53,7 +53,8 @@ def main() -> None:
           f"{result.model_config.hidden_size}, batch {config.data.batch_size} x seq {config.data.seq_len}, "
           f"{args.steps} steps on {len(devices)} x {devices[0].device_kind} ({os.cpu_count()} host cores)")
     print(f"steps/s      {perf['perf/steps_per_s']:.2f}")
-    print(f"tokens/s     {perf['perf/tokens_per_s']:,.0f}")
+    print(f"tokens/s     {perf['perf/processed_tokens_per_s']:,.0f} processed (batch x seq_len), "
+          f"{perf['perf/trained_tokens_per_s']:,.0f} trained (loss weight > 0)")
     if "perf/mfu" in perf:
         from fwm.train.metrics import peak_flops_per_device
 

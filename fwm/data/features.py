@@ -39,6 +39,13 @@ def token_weights_from_chars(char_weights: np.ndarray, offsets: Sequence[tuple[i
     return np.where(ends > starts, all_trained, at_char).astype(np.float32)
 
 
+def roles_for(record: dict[str, Any], trained_roles: Collection[str] | None) -> Collection[str]:
+    """The roles trained in `record`: the run's (when set), else the record's, else DEFAULT_TRAINED_ROLES."""
+    if trained_roles:
+        return trained_roles
+    return record.get("trained_roles") or DEFAULT_TRAINED_ROLES
+
+
 def _shift_to_targets(tokens: np.ndarray, target_weights: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
     """Input-aligned arrays from per-token arrays where weight[i] says whether token i is trained as a target."""
     targets = np.empty_like(tokens)
@@ -52,16 +59,20 @@ def lm_example(
     record: dict[str, Any],
     tokenizer: Any,
     *,
-    trained_roles: Collection[str] = DEFAULT_TRAINED_ROLES,
+    trained_roles: Collection[str] | None = None,
     add_bos: bool = True,
     add_eos: bool = True,
 ) -> dict[str, np.ndarray]:
     """One LM document (record from records.validate_lm) as input-aligned arrays of length n.
 
+    trained_roles: the roles that are targets; None (or empty) means the record's own
+    `trained_roles`, else DEFAULT_TRAINED_ROLES (see `roles_for`).
+
     The segment texts are joined without separators and tokenized once (so tokenization does not
     depend on where segments start); each token's weight comes from the roles of the characters it
     covers. BOS is never a target; EOS takes the weight of the last non-empty segment.
     """
+    trained_roles = roles_for(record, trained_roles)
     segments = record["segments"]
     text = "".join(segment_text for _, segment_text in segments)
     segment_weights = [1.0 if role in trained_roles else 0.0 for role, _ in segments]
@@ -99,6 +110,8 @@ def sft_example(
     schema.token_span_ids over the response characters (prompt: SPAN_NONE; EOS: the span of the
     response's last token). Truncation keeps the response: the prompt loses tokens from its left
     (after BOS, which stays); a response longer than seq_len minus BOS is cut on the right (losing EOS).
+    `truncated` (int8) is 1 at position 0 when any token was cut, else all 0, so that packing keeps one
+    count per sample (the pipelines report the share; a silent cut hides a too-short seq_len).
     """
     prompt_ids = list(tokenizer.encode(record["prompt"]))
     response = record["response"]
@@ -114,6 +127,7 @@ def sft_example(
     response_budget = seq_len - len(head)
     if response_budget < 1:
         raise ValueError(f"seq_len={seq_len} leaves no room for a response")
+    full_length = len(head) + len(prompt_ids) + len(response_ids)
     response_ids, response_spans = response_ids[:response_budget], response_spans[:response_budget]
     prompt_budget = response_budget - len(response_ids)
     prompt_ids = prompt_ids[len(prompt_ids) - prompt_budget :] if prompt_budget > 0 else []
@@ -127,4 +141,6 @@ def sft_example(
     span_ids = np.full(len(tokens), schema.SPAN_NONE, np.int8)
     span_ids[:-1] = token_spans[1:]
     example["span_ids"] = span_ids
+    example["truncated"] = np.zeros(len(tokens), np.int8)
+    example["truncated"][0] = full_length > seq_len
     return example

@@ -95,6 +95,30 @@ def _read(dataset: grain.MapDataset, read_threads: int) -> grain.IterDataset:
     )
 
 
+def die_with_parent(worker_index: int = 0, worker_count: int = 0) -> None:
+    """Grain worker init: the worker exits as soon as the process that started it dies, even by SIGKILL
+    (which runs no cleanup), instead of living on as an orphan holding memory and shared buffers.
+
+    A daemon thread blocks on the parent's multiprocessing sentinel (it becomes ready when the parent
+    exits). Not PR_SET_PDEATHSIG: that fires when the parent *thread* that forked the worker ends, and
+    Grain may start workers from a pool thread that ends while training goes on.
+    """
+    del worker_index, worker_count  # Grain's worker_init_fn signature
+    import multiprocessing
+    import multiprocessing.connection
+    import threading
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)  # no cleanup: the buffers it would flush belong to a dead reader
+
+    threading.Thread(target=watch, name="fwm-die-with-parent", daemon=True).start()
+
+
 def _with_workers(dataset: grain.IterDataset, worker_count: int) -> grain.IterDataset:
     if worker_count <= 0:
         return dataset
@@ -102,7 +126,8 @@ def _with_workers(dataset: grain.IterDataset, worker_count: int) -> grain.IterDa
         # Grain reads its absl flags when it starts workers; a program that never parsed flags (a test,
         # a notebook) would fail there. Marking them parsed keeps every flag at its default.
         flags.FLAGS.mark_as_parsed()
-    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count),
+                               worker_init_fn=die_with_parent)
 
 
 def _packed_to_batch(packed: dict[str, np.ndarray], *, pad_id: int, with_spans: bool) -> dict[str, np.ndarray]:
@@ -117,6 +142,9 @@ def _packed_to_batch(packed: dict[str, np.ndarray], *, pad_id: int, with_spans: 
     }
     if with_spans:
         batch["span_ids_BxL"] = np.where(segment_ids > 0, packed["span_ids"], 0).astype(np.int8)
+        # Host-side counters (the step never reads them): samples per row are its segments 1..n.
+        batch["samples_B"] = segment_ids.max(axis=1).astype(np.int32)
+        batch["truncated_B"] = np.where(segment_ids > 0, packed["truncated"], 0).sum(axis=1).astype(np.int32)
     return batch
 
 
@@ -129,7 +157,7 @@ def lm_pipeline(
     seed: int = 0,
     shuffle: bool = True,
     num_epochs: int | None = None,
-    trained_roles: Collection[str] = features.DEFAULT_TRAINED_ROLES,
+    trained_roles: Collection[str] | None = None,
     add_bos: bool = True,
     add_eos: bool = True,
     on_bad_record: str = "raise",
@@ -137,9 +165,16 @@ def lm_pipeline(
     process_count: int | None = None,
     worker_count: int = 0,
     read_threads: int = 2,
+    drop_remainder: bool = True,
 ) -> grain.IterDataset:
-    """Packed LM batches (pretraining / mid-training) from LM corpus files; see the module docstring."""
+    """Packed LM batches (pretraining / mid-training) from LM corpus files; see the module docstring.
+
+    trained_roles: the target roles of every record; None or empty: each record's own `trained_roles`,
+    else features.DEFAULT_TRAINED_ROLES. drop_remainder=False (finite eval passes) keeps a last,
+    smaller batch, whose last row may be short too (padded with segment 0).
+    """
     _check_sizes(seq_len=seq_len, batch_size=batch_size)
+    trained_roles = tuple(trained_roles or ())
     unknown = sorted(set(trained_roles) - set(ROLES))
     if unknown:
         raise ValueError(f"trained_roles has unknown roles {unknown}; expected roles among {list(ROLES)}")
@@ -150,22 +185,22 @@ def lm_pipeline(
     dataset = dataset.map(RecordValidator("lm", on_bad_record)).filter(_is_valid)
     dataset = dataset.map(
         functools.partial(
-            features.lm_example, tokenizer=tokenizer, trained_roles=tuple(trained_roles),
+            features.lm_example, tokenizer=tokenizer, trained_roles=trained_roles or None,
             add_bos=add_bos, add_eos=add_eos,
         )
     )
     batched = pack_lm_examples(_read(dataset, read_threads), seq_len=seq_len, batch_size=batch_size,
-                               pad_id=tokenizer.pad_id)
+                               pad_id=tokenizer.pad_id, drop_remainder=drop_remainder)
     return _with_workers(batched, worker_count)
 
 
 def pack_lm_examples(
-    examples: grain.IterDataset, *, seq_len: int, batch_size: int, pad_id: int
+    examples: grain.IterDataset, *, seq_len: int, batch_size: int, pad_id: int, drop_remainder: bool = True
 ) -> grain.IterDataset:
     """features.lm_example outputs -> packed LM batches (concatenate, split at seq_len, batch)."""
     lengths = {name: seq_len for name in ("tokens", "targets", "loss_weights")}
     packed = grain.experimental.ConcatThenSplitIterDataset(examples, length_struct=lengths)
-    return packed.batch(batch_size, drop_remainder=True).map(
+    return packed.batch(batch_size, drop_remainder=drop_remainder).map(
         functools.partial(_packed_to_batch, pad_id=pad_id, with_spans=False)
     )
 
@@ -199,11 +234,14 @@ def sft_pipeline(
     process_count: int | None = None,
     worker_count: int = 0,
     read_threads: int = 2,
+    drop_remainder: bool = True,
 ) -> grain.IterDataset:
     """SFT batches (prompt masked, response trained, span ids) from SFT sample files.
 
     pack=False: one sample per row, padded. pack=True: first-fit packing into `packing_bins` open
-    rows (default batch_size); samples are truncated to seq_len first (features.sft_example).
+    rows (default batch_size); samples are truncated to seq_len first (features.sft_example), and
+    `samples_B` / `truncated_B` count per row the samples and those that lost tokens to it.
+    drop_remainder=False (finite eval passes) keeps a last, smaller batch.
     """
     _check_sizes(seq_len=seq_len, batch_size=batch_size)
     dataset = shuffled_shard(
@@ -215,14 +253,14 @@ def sft_pipeline(
         functools.partial(features.sft_example, tokenizer=tokenizer, seq_len=seq_len, add_bos=add_bos, add_eos=add_eos)
     )
     if pack:
-        lengths = {name: seq_len for name in ("tokens", "targets", "loss_weights", "span_ids")}
+        lengths = {name: seq_len for name in ("tokens", "targets", "loss_weights", "span_ids", "truncated")}
         rows = grain.experimental.FirstFitPackIterDataset(
             _read(dataset, read_threads), length_struct=lengths,
             num_packing_bins=packing_bins or batch_size, seed=seed % 2**32, shuffle_bins=True,
         )
     else:
         rows = _read(dataset.map(functools.partial(_pad_example, seq_len=seq_len)), read_threads)
-    batched = rows.batch(batch_size, drop_remainder=True).map(
+    batched = rows.batch(batch_size, drop_remainder=drop_remainder).map(
         functools.partial(_packed_to_batch, pad_id=tokenizer.pad_id, with_spans=True)
     )
     return _with_workers(batched, worker_count)

@@ -2,8 +2,10 @@
 
 Record formats (written by the corpus builders, read here):
 - LM (pretraining / mid-training): `{"id": str, "segments": [{"role": str, "text": str}, ...]}` or
-  `{"id": str, "text": str}` (one segment with role "document"). Roles are `ROLES`. Normalised to
-  `{"id", "segments": [(role, text), ...]}`.
+  `{"id": str, "text": str}` (one segment with role "document"). Roles are `ROLES`. Optional
+  `"trained_roles": [role, ...]`: which roles of this record are targets when the run does not set
+  data.trained_roles (e.g. an IWM record trains its observation only). Normalised to
+  `{"id", "segments": [(role, text), ...], "trained_roles": tuple of roles | None}`.
 - SFT: `{"id": str, "prompt": str, "response": str, "variant": "plain" | "state" | "full"}`.
 - RL task: `{"id": str, "question": str, "answers": [str, ...], "data_source": str (optional),
   "metadata": dict (optional)}`; normalised with `data_source` "" and `metadata` {} when absent.
@@ -62,7 +64,7 @@ def _require_id(record: dict) -> str:
 
 
 def validate_lm(record: dict) -> dict:
-    """An LM corpus record normalised to {"id", "segments": [(role, text), ...]}."""
+    """An LM corpus record normalised to {"id", "segments": [(role, text), ...], "trained_roles": tuple | None}."""
     record_id = _require_id(record)
     if "segments" in record and "text" in record:
         raise _FieldError("text", "either 'text' or 'segments', not both", record["text"])
@@ -84,7 +86,13 @@ def validate_lm(record: dict) -> dict:
             segments.append((role, text))
     if not any(text for _, text in segments):
         raise _FieldError("segments" if "segments" in record else "text", "some non-empty text", "")
-    return {"id": record_id, "segments": segments}
+    trained_roles = _require(record, "trained_roles", list, f"a list of roles from {list(ROLES)}", optional=True)
+    if trained_roles is not None:
+        for i, role in enumerate(trained_roles):
+            if role not in ROLES:
+                raise _FieldError(f"trained_roles[{i}]", f"one of {list(ROLES)}", role)
+        trained_roles = tuple(trained_roles)
+    return {"id": record_id, "segments": segments, "trained_roles": trained_roles}
 
 
 def validate_sft(record: dict) -> dict:

@@ -375,8 +375,25 @@ def extend(cfg: ModelConfig, params: dict, cache: KVCache, tokens_BxL: jax.Array
     """Appends L tokens per row at the cache index; returns (logits_BxLxV, cache).
 
     valid_BxL marks real tokens (False for left padding): invalid slots are never attended to.
+    The L tokens must fit: index + L <= S (cache length). A ValueError says so when that is known at
+    trace time (L > S always; index + L > S when the index is concrete). Under jit the index is traced:
+    lax.dynamic_update_slice would clamp the write and overwrite the newest slots, so the caller must
+    stop at `cache_room(cache) < L` (a decode loop's condition), and logits of an overflowing call are
+    NaN instead of silently wrong.
     """
     b, l = tokens_BxL.shape
+    s = cache.segment_ids_BxS.shape[1]
+    if l > s:
+        raise ValueError(f"extend: {l} new tokens do not fit a KV cache of {s} slots; init_cache with a larger "
+                         f"max_len")
+    try:
+        index = int(cache.index)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError, TypeError):
+        index = None  # traced: guarded by NaN logits below and by the caller's cache_room check
+    if index is not None and index + l > s:
+        raise ValueError(f"extend: {l} new tokens at cache index {index} overflow the KV cache of {s} slots "
+                         f"(index + L must be <= {s}); stop decoding at cache_room(cache) < L or init_cache "
+                         f"with a larger max_len")
     seg_BxL = jnp.asarray(valid_BxL, jnp.int32)
     k_seg_BxS = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids_BxS, seg_BxL, cache.index, axis=1)
     # Padding queries would have no key at all; give them segment 1 so their (unused) logits stay finite.
@@ -386,7 +403,13 @@ def extend(cfg: ModelConfig, params: dict, cache: KVCache, tokens_BxL: jax.Array
         {"params": params}, jnp.asarray(tokens_BxL, jnp.int32), jnp.asarray(positions_BxL, jnp.int32),
         q_seg_BxL, q_slot_BxL, k_seg_BxS, (cache.k, cache.v), cache.index,
     )
+    logits = jnp.where(cache.index + l > s, jnp.nan, logits)
     return logits, KVCache(new_k, new_v, k_seg_BxS, cache.index + l)
+
+
+def cache_room(cache: KVCache) -> jax.Array:
+    """Free slots left in the cache (S - index): a decode loop continues while this is >= the tokens it adds."""
+    return cache.segment_ids_BxS.shape[1] - cache.index
 
 
 def prefill(cfg: ModelConfig, params: dict, cache: KVCache, tokens_BxL: jax.Array,

@@ -4,7 +4,8 @@ Each step directory holds three items (names shared with fwm/model/checkpoint.py
 `load_params` reads `state.params` of these directories for the next stage):
   state/  StandardSave(TrainState)         -- params, optimiser state, step; sharded arrays
   data/   the Grain iterator's position     -- resumes on exactly the next batch
-  meta/   JsonSave({model_config, config, tokenizer, stage, step})
+  meta/   JsonSave({model_config, config, tokenizer, tokenizer_sha256, stage, step, total_steps});
+          `tokenizer` is the workdir's copy, so the next stage finds the ids these parameters use
 The manager is Composite from its first save (an orbax manager that once saved one unnamed item
 cannot later take Composite args). Saves are asynchronous: `save` returns once the arrays are
 copied off the devices, so the next (donating) step may run while files are written; an
@@ -29,6 +30,13 @@ CHECKPOINT_SUBDIR = "checkpoints"
 def checkpoint_root(workdir: str) -> str:
     """Absolute directory of a workdir's step checkpoints (orbax wants absolute paths)."""
     return os.path.abspath(os.path.join(workdir, CHECKPOINT_SUBDIR))
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether the workdir holds a step directory (checked without creating anything; orbax's unfinished
+    saves carry a suffix and do not count)."""
+    root = checkpoint_root(workdir)
+    return os.path.isdir(root) and any(name.isdigit() for name in os.listdir(root))
 
 
 def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:

@@ -6,8 +6,10 @@
   restored step before a resumed run appends (atomic rewrite).
 - TensorBoard events through tensorboardX (flax.metrics.tensorboard would need TensorFlow):
   the same scalars, throughput, and the config as text.
-- `Throughput`: steps/s, tokens/s, ETA and MFU = achieved model FLOP/s (transformer's
-  train_flops_per_token x tokens/s) / peak FLOP/s of the devices (`peak_flops_per_device`).
+- `Throughput`: steps/s, trained tokens/s (tokens with loss weight > 0: what the run learns from;
+  padding, prompts and masked observations excluded), ETA and MFU = achieved model FLOP/s
+  (transformer's train_flops_per_token x processed tokens/s, i.e. batch x seq_len per step, because
+  padding costs the same compute) / peak FLOP/s of the devices (`peak_flops_per_device`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import math
 import os
 import time
 from typing import Any, Mapping
+
+from fwm.files import read_jsonl, write_jsonl
 
 
 # Dense bf16 peak FLOP/s per JAX device, matched by substring of device.device_kind (first match wins).
@@ -54,26 +58,12 @@ def truncate_jsonl(path: str, last_step: int) -> int:
     if not os.path.exists(path):
         return 0
     kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                break  # a line torn by a kill: it and anything after it are not trustworthy
-            if not isinstance(record, dict) or record.get("step", math.inf) > last_step:
-                break
-            kept.append(json.dumps(record) + "\n")
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
-    return len(kept)
-
-
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    # A line torn by a kill ends the trustworthy part: it and anything after it are dropped.
+    for _, record in read_jsonl(path, stop_at_bad_line=True):
+        if record.get("step", math.inf) > last_step:
+            break
+        kept.append(record)
+    return write_jsonl(path, kept)
 
 
 class MetricsWriter:
@@ -123,9 +113,11 @@ def _format_duration(seconds: float) -> str:
 
 
 class Throughput:
-    """Steps/s, tokens/s, ETA and MFU over the window since the previous report.
+    """Steps/s, trained tokens/s, ETA and MFU over the window since the previous report.
 
-    The clock starts at the first report, so compilation never counts as training time.
+    The clock starts at the first report, so compilation never counts as training time. Trained tokens
+    (loss weight > 0) are added per step with `add_trained_tokens`; MFU uses every processed position
+    (tokens_per_step = batch x seq_len), which is what the device computes.
     """
 
     def __init__(self, total_steps: int, tokens_per_step: int, flops_per_token: float, peak_flops: float,
@@ -133,34 +125,42 @@ class Throughput:
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
         self.flops_per_token, self.peak_flops, self.peak_note = flops_per_token, peak_flops, peak_note
         self._last: tuple[int, float] | None = None
-        self._timed_steps, self._timed_seconds = 0, 0.0
+        self._timed_steps, self._timed_seconds, self._timed_trained = 0, 0.0, 0.0
+        self._window_trained = 0.0
+
+    def add_trained_tokens(self, count: float) -> None:
+        """Counts one step's trained tokens (the step's `tokens` metric) into the current window."""
+        self._window_trained += count
 
     def restart(self, step: int) -> None:
         """Starts a new window at `step` (after an eval or a checkpoint, which are not training time)."""
         self._last = (step, time.perf_counter())
+        self._window_trained = 0.0
 
     def report(self, step: int, now: float | None = None) -> dict[str, float]:
         """Throughput since the previous call ({} on the first call)."""
         now = time.perf_counter() if now is None else now
         last, self._last = self._last, (step, now)
+        trained, self._window_trained = self._window_trained, 0.0
         if last is None or step <= last[0] or now <= last[1]:
             return {}
         self._timed_steps += step - last[0]
         self._timed_seconds += now - last[1]
-        return self._rates(step, (step - last[0]) / (now - last[1]))
+        self._timed_trained += trained
+        return self._rates(step, (step - last[0]) / (now - last[1]), trained / (now - last[1]))
 
     def average(self, step: int) -> dict[str, float]:
         """Throughput over every window reported so far ({} if none)."""
         if not self._timed_steps:
             return {}
-        return self._rates(step, self._timed_steps / self._timed_seconds)
+        return self._rates(step, self._timed_steps / self._timed_seconds, self._timed_trained / self._timed_seconds)
 
-    def _rates(self, step: int, steps_per_s: float) -> dict[str, float]:
-        tokens_per_s = steps_per_s * self.tokens_per_step
-        out = {"perf/steps_per_s": steps_per_s, "perf/tokens_per_s": tokens_per_s,
-               "perf/eta_s": (self.total_steps - step) / steps_per_s}
+    def _rates(self, step: int, steps_per_s: float, trained_per_s: float) -> dict[str, float]:
+        processed_per_s = steps_per_s * self.tokens_per_step
+        out = {"perf/steps_per_s": steps_per_s, "perf/trained_tokens_per_s": trained_per_s,
+               "perf/processed_tokens_per_s": processed_per_s, "perf/eta_s": (self.total_steps - step) / steps_per_s}
         if self.peak_flops > 0:
-            out["perf/mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
+            out["perf/mfu"] = processed_per_s * self.flops_per_token / self.peak_flops
         return out
 
     def line(self, step: int, record: Mapping[str, float], perf: Mapping[str, float]) -> str:
@@ -169,9 +169,9 @@ class Throughput:
         parts = [f"step {step:>{width}}/{self.total_steps}"]
         parts += [f"{k} {v:.4g}" for k, v in record.items()]
         if perf:
-            parts.append(f"{perf['perf/steps_per_s']:.2f} steps/s, {perf['perf/tokens_per_s']:,.0f} tok/s, "
-                         f"ETA {_format_duration(perf['perf/eta_s'])}")
+            parts.append(f"{perf['perf/steps_per_s']:.2f} steps/s, {perf['perf/trained_tokens_per_s']:,.0f} trained "
+                         f"tok/s (loss weight > 0), ETA {_format_duration(perf['perf/eta_s'])}")
             if "perf/mfu" in perf:
-                parts.append(f"MFU {100 * perf['perf/mfu']:.2f}% ({self.peak_note})")
+                parts.append(f"MFU {100 * perf['perf/mfu']:.2f}% of {perf['perf/processed_tokens_per_s']:,.0f} "
+                             f"processed tok/s ({self.peak_note})")
         return " | ".join(parts)
-

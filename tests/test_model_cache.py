@@ -1,0 +1,37 @@
+"""KV cache bounds: extend refuses tokens that do not fit, instead of overwriting the newest slots."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fwm.model import transformer as T
+
+CFG = T.ModelConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=24)
+
+
+def test_extend_past_the_cache_raises_when_shapes_or_index_are_known():
+    params = T.init_params(CFG, jax.random.key(0))
+    cache = T.init_cache(CFG, 2, 8)
+    with pytest.raises(ValueError, match=r"9 new tokens do not fit a KV cache of 8 slots"):
+        T.prefill(CFG, params, cache, jnp.ones((2, 9), jnp.int32))
+    _, cache, pos = T.prefill(CFG, params, cache, jnp.ones((2, 6), jnp.int32))
+    assert int(T.cache_room(cache)) == 2
+    _, cache = T.decode_step(CFG, params, cache, jnp.ones((2,), jnp.int32), pos)
+    _, cache = T.decode_step(CFG, params, cache, jnp.ones((2,), jnp.int32), pos + 1)  # slot 8 of 8: fits
+    with pytest.raises(ValueError, match=r"1 new tokens at cache index 8 overflow the KV cache of 8 slots"):
+        T.decode_step(CFG, params, cache, jnp.ones((2,), jnp.int32), pos + 2)
+
+
+def test_extend_past_the_cache_under_jit_gives_nan_logits_not_wrong_ones():
+    params = T.init_params(CFG, jax.random.key(0))
+    step = jax.jit(functools.partial(T.decode_step, CFG))  # the index is traced: no trace-time check
+    cache = T.init_cache(CFG, 2, 3)
+    tokens, pos = jnp.ones((2,), jnp.int32), jnp.zeros((2,), jnp.int32)
+    for t in range(3):
+        logits, cache = step(params, cache, tokens, pos + t)
+        assert np.isfinite(np.asarray(logits)).all()
+    assert int(T.cache_room(cache)) == 0
+    logits, _ = step(params, cache, tokens, pos + 3)
+    assert np.isnan(np.asarray(logits)).all()
