@@ -340,6 +340,17 @@ def test_sft_truncation_keeps_the_response(tokenizer):
     assert example["targets"][kept:-1].tolist() == response_ids and example["loss_weights"][kept:-1].all()
 
 
+def test_sft_prompt_that_fits_is_kept_whole(tokenizer):
+    # A prompt longer than half its budget but within it was once cut from the left (negative slice start).
+    sample = records.validate_sft(_sft_records(1)[0] | {"prompt": "question " + " ".join(WORDS * 2)})
+    prompt_ids = tokenizer.encode(sample["prompt"])
+    response_ids = tokenizer.encode_with_offsets(sample["response"])[0] + [tokenizer.eos_id]
+    seq_len = 1 + len(prompt_ids) + len(response_ids) + len(prompt_ids) // 2  # budget < 2 x prompt
+    example = features.sft_example(sample, tokenizer, seq_len=seq_len)
+    assert example["tokens"][1:1 + len(prompt_ids)].tolist() == prompt_ids
+    assert not example["truncated"].any()
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_sft_batches_count_truncated_samples(tmp_path, tokenizer, pack):
     long_prompt = "question " + " ".join(WORDS * 8)

@@ -194,11 +194,6 @@ def tokenizer_path(config: ml_collections.ConfigDict) -> str:
     return config.tokenizer.path or os.path.join(config.train.workdir, DEFAULT_TOKENIZER_NAME)
 
 
-def tokenizer_path(config: ml_collections.ConfigDict) -> str:
-    """config.tokenizer.path, or WORKDIR/tokenizer.model when it is empty."""
-    return config.tokenizer.path or os.path.join(config.train.workdir, DEFAULT_TOKENIZER_NAME)
-
-
 def corpus_texts(files: Any, stage_data: str, limit: int, on_bad_record: str = "raise") -> Iterator[str]:
     """Up to `limit` texts of validated records, in file order (LM: the joined segments; SFT: prompt +
     response): what a tokenizer is trained on."""
