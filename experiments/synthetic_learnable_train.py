@@ -1,0 +1,77 @@
+"""Training on the fresh-entity search world (experiments/synthetic_learnable.py): SFT from scratch.
+
+Data: the `fwm data` workdir of synthetic_learnable.py, read from $FWM_LEARNABLE_DATA (default
+/tmp/fwm_learnable). Make it first:
+
+  fwm data --config experiments/synthetic_learnable.py --workdir /tmp/fwm_learnable
+  fwm train --config experiments/synthetic_learnable_train.py --workdir /tmp/fl_sft_plain          # plain SFT
+  fwm train --config experiments/synthetic_learnable_train.py:full --workdir /tmp/fl_sft_full      # FE-SFT format
+  python experiments/action_match.py --checkpoint /tmp/fl_sft_plain/checkpoints \
+      --tokenizer /tmp/fl_sft_plain/tokenizer.model --samples /tmp/fwm_learnable/corpora/sft_plain_eval.jsonl \
+      --tasks /tmp/fwm_learnable/world/splits/sft.jsonl
+
+Stage 0 first (optional): `:pretrain` trains the same model on the world's documents
+(corpora/pretrain.jsonl); then SFT from it with
+`--config.init.source=orbax:/tmp/fl_pre/checkpoints --config.tokenizer.path=/tmp/fl_pre/tokenizer.model`.
+
+Variants (comma-separated arg): plain (default) | state | full (which sft_* corpus), pretrain (stage 0),
+big (6 layers of 192, 2.8M parameters, instead of 4 of 128, 0.9M), runlocal (a smoke test of a few
+steps). The tokenizer (SentencePiece, 512 pieces) is trained into the workdir from the training files
+on first use. seq_len 384 (plain) / 768 (state, full) holds every sample untruncated; samples are
+packed first-fit, ~2 plain samples per row.
+"""
+import os
+
+from fwm.config import default_config
+from fwm.configlib import parse_variants
+
+VARIANTS = ("plain", "state", "full", "pretrain", "big", "runlocal")
+DATA_ENV = "FWM_LEARNABLE_DATA"
+DEFAULT_DATA = "/tmp/fwm_learnable"
+
+
+def get_config(arg=None):
+    variants = parse_variants(arg, VARIANTS, "experiments/synthetic_learnable_train.py", default="plain")
+    formats = variants & {"plain", "state", "full"}
+    if len(formats) > 1:
+        raise ValueError(f"experiments/synthetic_learnable_train.py: at most one of plain/state/full, got {formats}")
+    corpora = os.path.join(os.environ.get(DATA_ENV, DEFAULT_DATA), "corpora")
+    config = default_config()
+    if "pretrain" in variants:
+        config.stage = "pretrain"
+        config.data.train_files = (os.path.join(corpora, "pretrain.jsonl"),)
+        config.data.eval_files = ()
+        config.data.seq_len = 256
+    else:
+        name = "sft_" + (formats.pop() if formats else "plain")
+        config.stage = "sft"
+        config.data.train_files = (os.path.join(corpora, f"{name}.jsonl"),)
+        config.data.eval_files = (os.path.join(corpora, f"{name}_eval.jsonl"),)
+        config.data.seq_len = 384 if name == "sft_plain" else 768
+        config.data.pack = True  # first-fit packing: ~2 plain samples per row
+    config.data.batch_size = 8
+
+    config.tokenizer.train.vocab_size = 512
+    config.model.update(dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+                             mlp_dim=384, max_seq_len=768))
+    if "big" in variants:
+        config.model.update(dict(hidden_size=192, num_layers=6, num_heads=6, num_kv_heads=2, head_dim=32,
+                                 mlp_dim=512))
+
+    config.optim.lr = 2e-3
+    config.optim.warmup_steps = 100
+    config.optim.weight_decay = 0.01
+    config.optim.min_lr_ratio = 0.05
+
+    config.train.steps = 1500
+    config.train.log_every = 25
+    config.train.ckpt_every = 250
+    config.train.keep_ckpts = 20
+    config.train.eval_every = 250
+    config.train.eval_batches = 8
+    if "runlocal" in variants:
+        config.train.steps = 6
+        config.train.ckpt_every = config.train.eval_every = 3
+        config.train.log_every = 1
+        config.train.eval_batches = 1
+    return config
