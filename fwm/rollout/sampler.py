@@ -1,0 +1,251 @@
+"""The sampler: jitted prefill of left-padded prompts, then a `lax.while_loop` decode over the KV cache.
+
+`generate(cfg, params, prompts, max_new_tokens, ...)` takes prompts as lists of token ids (each
+starting the way SFT samples start: BOS, then the prompt's ids; see fwm/data/features.py sft_example)
+and returns one `Sample` per prompt: the new token ids up to and including the first stop id, and
+per token two log-probabilities:
+- `logprobs`: log-softmax of the model's raw logits (temperature 1, no top-k / top-p) at the sampled
+  token -- the policy's own log pi(a|s), what an RL ratio needs (old-policy log-probs);
+- `sampling_logprobs`: the log-probability under the distribution actually sampled from (after
+  temperature, top-k, top-p); 0 for greedy. An importance weight for the sampling distortion is
+  `logprobs - sampling_logprobs`.
+
+Shapes are bucketed so a stream of calls compiles a handful of programs: prompts are left-padded to a
+power-of-two length (at least `MIN_PROMPT_BUCKET`, at most what leaves room for the budget), the
+batch is padded to a power of two and to a multiple of the mesh's data-parallel size. jax.jit caches
+one program per (prompt bucket, batch bucket, max_new_tokens, sampling mode, stop ids); temperature and
+top_p are traced values, so changing them does not recompile. The KV cache is created by a jitted
+initialiser with the cache's shardings and donated to prefill and to the decode loop (no copy).
+
+The decode loop stops when every row has produced a stop id or max_new_tokens tokens. A prompt plus
+max_new_tokens longer than model.max_seq_len (the cache) is a ValueError, never a silent overwrite.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from fwm.mesh import batch_sharding, constrain, logical_to_sharding, make_mesh, replicated
+from fwm.model import transformer
+
+MIN_PROMPT_BUCKET = 16
+_NEG_INF = -1e30  # masked logits (finite: keeps softmax free of NaN when a row masks everything but one)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One prompt's continuation. tokens: the new ids, up to and including the first stop id.
+    logprobs / sampling_logprobs: one per token (see the module doc; None for a scripted policy,
+    which has no token distribution). stopped: ended on a stop id (else the budget ran out)."""
+
+    tokens: list[int]
+    logprobs: list[float] | None
+    sampling_logprobs: list[float] | None
+    stopped: bool
+
+
+class SamplingMode(NamedTuple):
+    """The static (compiled-in) part of the sampling choice."""
+
+    greedy: bool
+    top_k: int | None
+    use_top_p: bool
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def prompt_bucket(longest: int, max_new_tokens: int, max_seq_len: int) -> int:
+    """Left-padded prompt length: the next power of two >= longest (>= MIN_PROMPT_BUCKET), capped so
+    that bucket + max_new_tokens fits max_seq_len. ValueError if even the longest prompt does not fit."""
+    if longest + max_new_tokens > max_seq_len:
+        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} needs {longest + max_new_tokens}"
+                         f" cache slots, more than model.max_seq_len={max_seq_len}; shorten the prompt (prompt "
+                         f"budget) or the generation budget")
+    return min(max(_next_power_of_two(longest), MIN_PROMPT_BUCKET), max_seq_len - max_new_tokens)
+
+
+def batch_bucket(batch: int, data_parallel: int) -> int:
+    """Padded batch: the next power of two >= batch, rounded up to a multiple of the data-parallel size."""
+    padded = _next_power_of_two(batch)
+    return -(-padded // data_parallel) * data_parallel
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """Rows are split over (data, fsdp), as in training (fwm.mesh 'batch' rule)."""
+    return int(mesh.shape["data"]) * int(mesh.shape["fsdp"])
+
+
+# ---------------------------------------------------------------------------------------- sampling
+def _filter_logits(logits_BxV: jax.Array, temperature: jax.Array, top_p: jax.Array, mode: SamplingMode) -> jax.Array:
+    """Logits of the distribution to sample from: / temperature, then top-k, then top-p (nucleus)."""
+    scaled = logits_BxV / temperature
+    if mode.top_k is not None and mode.top_k < scaled.shape[-1]:
+        kth = jax.lax.top_k(scaled, mode.top_k)[0][:, -1:]
+        scaled = jnp.where(scaled >= kth, scaled, _NEG_INF)
+    if mode.use_top_p:
+        order = jnp.argsort(-scaled, axis=-1)
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # Keep a token if the mass before it is < top_p: the smallest prefix reaching top_p (the first always).
+        keep_sorted = (jnp.cumsum(sorted_probs, axis=-1) - sorted_probs) < top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(scaled.shape[0])[:, None], order].set(keep_sorted)
+        scaled = jnp.where(keep, scaled, _NEG_INF)
+    return scaled
+
+
+def _sample(logits_BxV: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
+            mode: SamplingMode) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(tokens_B, raw log-probs_B, sampling log-probs_B) for one step."""
+    raw_logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+    if mode.greedy:
+        tokens_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+        sampling_B = jnp.zeros(tokens_B.shape, jnp.float32)
+    else:
+        filtered_BxV = _filter_logits(logits_BxV, temperature, top_p, mode)
+        tokens_B = jax.random.categorical(key, filtered_BxV, axis=-1).astype(jnp.int32)
+        sampling_B = jnp.take_along_axis(jax.nn.log_softmax(filtered_BxV, axis=-1), tokens_B[:, None], axis=-1)[:, 0]
+    raw_B = jnp.take_along_axis(raw_logprobs_BxV, tokens_B[:, None], axis=-1)[:, 0]
+    return tokens_B, raw_B, sampling_B
+
+
+# ------------------------------------------------------------------------------------- jitted parts
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _init_cache(cfg: transformer.ModelConfig, batch: int, length: int) -> transformer.KVCache:
+    """An empty cache created in place with its shardings (rows over batch axes, kv heads over tensor)."""
+    cache = transformer.init_cache(cfg, batch, length)
+    return transformer.KVCache(*(constrain(x, tuple(spec)) for x, spec in zip(cache, transformer.cache_logical_axes())))
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _prefill(cfg: transformer.ModelConfig, params: dict, cache: transformer.KVCache, tokens_BxL: jax.Array,
+             valid_BxL: jax.Array) -> tuple[jax.Array, transformer.KVCache, jax.Array]:
+    """Writes the prompts; returns (logits of the last prompt slot, cache, next positions)."""
+    logits_BxLxV, cache, positions_B = transformer.prefill(cfg, params, cache, tokens_BxL, valid_BxL)
+    return logits_BxLxV[:, -1], cache, positions_B  # left padding: the last slot is every row's last token
+
+
+class _LoopState(NamedTuple):
+    step: jax.Array
+    cache: transformer.KVCache
+    logits_BxV: jax.Array
+    positions_B: jax.Array
+    done_B: jax.Array
+    tokens_BxN: jax.Array
+    logprobs_BxN: jax.Array
+    sampling_BxN: jax.Array
+    lengths_B: jax.Array
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+def _decode(cfg: transformer.ModelConfig, mode: SamplingMode, max_new: int, stop_ids: tuple[int, ...], params: dict,
+            cache: transformer.KVCache, logits_BxV: jax.Array, positions_B: jax.Array, key: jax.Array,
+            temperature: jax.Array, top_p: jax.Array, row_live_B: jax.Array):
+    """Samples up to max_new tokens per row; rows that stopped keep stepping (masked) until all have."""
+    b = logits_BxV.shape[0]
+    stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+
+    def cond(state: _LoopState) -> jax.Array:
+        return (state.step < max_new) & ~jnp.all(state.done_B)
+
+    def body(state: _LoopState) -> _LoopState:
+        tokens_B, raw_B, sampling_B = _sample(state.logits_BxV, jax.random.fold_in(key, state.step), temperature,
+                                              top_p, mode)
+        live_B = ~state.done_B
+        tokens_B = jnp.where(live_B, tokens_B, 0)
+        column = lambda array, values: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+            array, values[:, None].astype(array.dtype), state.step, axis=1)
+        done_B = state.done_B | jnp.isin(tokens_B, stops)
+        logits_BxV, cache = transformer.decode_step(cfg, params, state.cache, tokens_B, state.positions_B)
+        return _LoopState(state.step + 1, cache, logits_BxV, state.positions_B + 1, done_B,
+                          column(state.tokens_BxN, tokens_B), column(state.logprobs_BxN, jnp.where(live_B, raw_B, 0.0)),
+                          column(state.sampling_BxN, jnp.where(live_B, sampling_B, 0.0)),
+                          state.lengths_B + live_B.astype(jnp.int32))
+
+    init = _LoopState(jnp.zeros((), jnp.int32), cache, logits_BxV, positions_B, ~row_live_B,
+                      jnp.zeros((b, max_new), jnp.int32), jnp.zeros((b, max_new), jnp.float32),
+                      jnp.zeros((b, max_new), jnp.float32), jnp.zeros((b,), jnp.int32))
+    final = jax.lax.while_loop(cond, body, init)
+    return final.tokens_BxN, final.logprobs_BxN, final.sampling_BxN, final.lengths_B, final.done_B
+
+
+def compiled_programs() -> dict[str, int]:
+    """How many programs each jitted part holds (a test hook: equal before and after a same-bucket call)."""
+    return {"init_cache": _init_cache._cache_size(), "prefill": _prefill._cache_size(),
+            "decode": _decode._cache_size()}
+
+
+# ------------------------------------------------------------------------------------------- public
+def _check_arguments(cfg: transformer.ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                     temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not prompts:
+        raise ValueError("generate: no prompts")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"generate: prompt {i} is empty (prompts start with BOS)")
+        low, high = min(prompt), max(prompt)
+        if low < 0 or high >= cfg.vocab_size:
+            raise ValueError(f"generate: prompt {i} holds token id {low if low < 0 else high} outside "
+                             f"[0, vocab_size={cfg.vocab_size})")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"generate: temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"generate: top_k must be None or >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"generate: top_p must be None or in (0, 1], got {top_p}")
+
+
+def generate(cfg: transformer.ModelConfig, params: dict, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             stop_ids: Sequence[int] = (), rng: jax.Array | None = None, mesh: Mesh | None = None) -> list[Sample]:
+    """Continuations of `prompts` (lists of token ids, BOS first); one Sample per prompt, in order.
+
+    temperature 0 is greedy (top_k, top_p and rng are then ignored); otherwise rng (a jax key) is
+    required. mesh: where to run (default: every device on the data axis); params are placed on it by
+    fwm.mesh's rules (a no-op when they already are).
+    """
+    _check_arguments(cfg, prompts, max_new_tokens, temperature, top_k, top_p)
+    greedy = temperature == 0.0
+    if not greedy and rng is None:
+        raise ValueError("generate: sampling with temperature > 0 needs rng (a jax.random key)")
+    mode = SamplingMode(greedy, None if greedy else top_k, (not greedy) and top_p is not None and top_p < 1.0)
+    mesh = mesh if mesh is not None else make_mesh()
+    longest = max(len(p) for p in prompts)
+    length = prompt_bucket(longest, max_new_tokens, cfg.max_seq_len)
+    batch = batch_bucket(len(prompts), data_parallel_size(mesh))
+
+    tokens_BxL = np.zeros((batch, length), np.int32)
+    valid_BxL = np.zeros((batch, length), bool)
+    for row, prompt in enumerate(prompts):  # left padding: every row's last token sits in the last slot
+        tokens_BxL[row, length - len(prompt):] = prompt
+        valid_BxL[row, length - len(prompt):] = True
+    row_live_B = np.arange(batch) < len(prompts)
+    valid_BxL[~row_live_B, -1] = True  # padding rows hold one dummy token so their attention is not empty
+
+    with jax.set_mesh(mesh):
+        # Parameters by the training rules (fsdp / tensor); prompt rows over (data, fsdp) like a training batch.
+        params = jax.device_put(params, logical_to_sharding(transformer.param_logical_axes(cfg), mesh, params))
+        cache = _init_cache(cfg, batch, length + max_new_tokens)
+        place = lambda x: jax.device_put(x, batch_sharding(mesh, x.shape))  # noqa: E731
+        logits_BxV, cache, positions_B = _prefill(cfg, params, cache, place(tokens_BxL), place(valid_BxL))
+        key = rng if rng is not None else jax.random.key(0)
+        outputs = _decode(cfg, mode, int(max_new_tokens), tuple(sorted({int(i) for i in stop_ids})), params, cache,
+                          logits_BxV, positions_B, jax.device_put(key, replicated(mesh)),
+                          jax.device_put(jnp.float32(max(temperature, 1e-6)), replicated(mesh)),
+                          jax.device_put(jnp.float32(top_p if top_p is not None else 1.0), replicated(mesh)),
+                          place(row_live_B))
+    tokens_BxN, logprobs_BxN, sampling_BxN, lengths_B, done_B = (np.asarray(x) for x in jax.device_get(outputs))
+    return [Sample(tokens=tokens_BxN[row, :lengths_B[row]].tolist(),
+                   logprobs=logprobs_BxN[row, :lengths_B[row]].tolist(),
+                   sampling_logprobs=sampling_BxN[row, :lengths_B[row]].tolist(),
+                   stopped=bool(done_B[row]))  # a real row is done only by a stop id
+            for row in range(len(prompts))]
