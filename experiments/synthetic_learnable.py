@@ -12,7 +12,8 @@ question's subject into a search, read the relation the question asks for in the
 (which states `facts_per_document` = 4 relations, two of them with objects of the asked type), copy
 that object into the next search or the answer. Names are 2-3 syllables from 70, so copying a name is
 copying a few regular pieces. 1-2 hop questions, one passage per search (observations stay short and
-state each fact in one plain sentence), no filler.
+state each fact in one plain sentence), no filler. The stage-0 corpus (corpora/pretrain.jsonl) leaves out
+the evaluation questions' documents, so no stage reads them before evaluation.
 
 Splits: 2,800 SFT questions (oracle trajectories: ~7k one-step samples, 5 % of trajectories held out
 as sft_*_eval), 200 RL, 1,000 mid-training questions (noisy policy, 2 episodes each); 300 held-out
@@ -44,6 +45,7 @@ def get_config(arg=None):
     config.corpora.sft_policies = ("oracle",)
     config.blocks.share = 0.5
     config.blocks.mc_k = 4
+    config.corpora.pretrain_eval_documents = False  # stage 0 never reads an evaluation question's document
     if "noisy_sft" in variants:
         config.corpora.sft_policies = ("noisy", "oracle")
     if "topk3" in variants:

@@ -10,11 +10,13 @@ Data: the `fwm data` workdir of synthetic_learnable.py, read from $FWM_LEARNABLE
       --tokenizer /tmp/fl_sft_plain/tokenizer.model --samples /tmp/fwm_learnable/corpora/sft_plain_eval.jsonl \
       --tasks /tmp/fwm_learnable/world/splits/sft.jsonl
 
-Stage 0 first (optional): `:pretrain` trains the same model on the world's documents
-(corpora/pretrain.jsonl); then SFT from it with
-`--config.init.source=orbax:/tmp/fl_pre/checkpoints --config.tokenizer.path=/tmp/fl_pre/tokenizer.model`.
+Earlier stages (optional): `:pretrain` trains the same model on the world's documents
+(corpora/pretrain.jsonl: every question's documents, held-out ones too), `:mid_plain` / `:mid_wm` on
+the mid-training trajectories without / with blocks (mid-training questions only); SFT then starts
+from one with `--config.init.source=orbax:/tmp/fl_mid/checkpoints --config.tokenizer.path=/tmp/fl_mid/tokenizer.model`.
 
 Variants (comma-separated arg): plain (default) | state | full (which sft_* corpus), pretrain (stage 0),
+mid_plain | mid_wm (mid-training),
 big (6 layers of 192, 2.8M parameters, instead of 4 of 128, 0.9M), runlocal (a smoke test of a few
 steps). The tokenizer (SentencePiece, 512 pieces) is trained into the workdir from the training files
 on first use. seq_len 384 (plain) / 768 (state, full) holds every sample untruncated; samples are
@@ -25,7 +27,7 @@ import os
 from fwm.config import default_config
 from fwm.configlib import parse_variants
 
-VARIANTS = ("plain", "state", "full", "pretrain", "big", "runlocal")
+VARIANTS = ("plain", "state", "full", "pretrain", "mid_plain", "mid_wm", "big", "runlocal")
 DATA_ENV = "FWM_LEARNABLE_DATA"
 DEFAULT_DATA = "/tmp/fwm_learnable"
 
@@ -37,11 +39,19 @@ def get_config(arg=None):
         raise ValueError(f"experiments/synthetic_learnable_train.py: at most one of plain/state/full, got {formats}")
     corpora = os.path.join(os.environ.get(DATA_ENV, DEFAULT_DATA), "corpora")
     config = default_config()
+    config.data.batch_size = 8
     if "pretrain" in variants:
         config.stage = "pretrain"
         config.data.train_files = (os.path.join(corpora, "pretrain.jsonl"),)
         config.data.eval_files = ()
         config.data.seq_len = 256
+        config.data.batch_size = 16
+    elif variants & {"mid_plain", "mid_wm"}:
+        name = "mid_train_wm" if "mid_wm" in variants else "mid_train_plain"
+        config.stage = "mid_train"
+        config.data.train_files = (os.path.join(corpora, f"{name}.jsonl"),)
+        config.data.eval_files = (os.path.join(corpora, f"{name}_eval.jsonl"),)
+        config.data.seq_len = 512
     else:
         name = "sft_" + (formats.pop() if formats else "plain")
         config.stage = "sft"
@@ -49,9 +59,10 @@ def get_config(arg=None):
         config.data.eval_files = (os.path.join(corpora, f"{name}_eval.jsonl"),)
         config.data.seq_len = 384 if name == "sft_plain" else 768
         config.data.pack = True  # first-fit packing: ~2 plain samples per row
-    config.data.batch_size = 8
 
-    config.tokenizer.train.vocab_size = 512
+    # 1024 pieces: a name word is ~3 pieces (with 512, nearly all go to bytes, tags and the
+    # instruction's words, and a name word is ~5 pieces, close to letters).
+    config.tokenizer.train.vocab_size = 1024
     config.model.update(dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
                              mlp_dim=384, max_seq_len=768))
     if "big" in variants:
@@ -63,7 +74,7 @@ def get_config(arg=None):
     config.optim.weight_decay = 0.01
     config.optim.min_lr_ratio = 0.05
 
-    config.train.steps = 1500
+    config.train.steps = 600 if config.stage == "pretrain" else 1500
     config.train.log_every = 25
     config.train.ckpt_every = 250
     config.train.keep_ckpts = 20

@@ -119,6 +119,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.corpora.eval_fraction = 0.05             # trajectories held out into NAME_eval.jsonl
     c.corpora.prompt_budget = 1024             # SFT prompt budget, in the token counter's units
     c.corpora.tokenizer_path = ""              # counts tokens with it; '' counts whitespace words
+    c.corpora.pretrain_eval_documents = True   # False: `pretrain` leaves out the documents of the eval questions'
+                                               # hops (a fresh-entity world, where they are those questions' own)
     return c
 
 
@@ -422,7 +424,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "eval_tasks": ("rl", [task.to_dict() for task in read_tasks(os.path.join(world_dir, "splits", "eval.jsonl"))]),
         }
         if world.documents:
-            extra["pretrain"] = ("lm", list(world.documents))
+            held_out = set() if c.corpora.pretrain_eval_documents else {
+                hop["subject_id"] for task in world.splits["eval"] for hop in task.metadata["hops"]}
+            extra["pretrain"] = ("lm", [doc for doc in world.documents if doc["id"] not in held_out])
         options = corpora_lib.CorpusOptions(seed=c.seed, eval_fraction=c.corpora.eval_fraction,
                                             prompt_budget=c.corpora.prompt_budget,
                                             tokenizer_path=c.corpora.tokenizer_path)
