@@ -1,6 +1,7 @@
 """The learnable search setting: its data and training configs validate, and the teacher-forced probe
 (experiments/action_match.py) scores exactly the tokens it claims to."""
 import importlib.util
+import json
 import os
 
 import jax
@@ -57,3 +58,19 @@ def test_probe_masks_the_response_and_its_action(tmp_path):
                             batch_size=2)
     assert set(result) == {"all", "search_linked", "search_linked/2hop"} and result["all"]["n"] == 1
     assert result["all"]["response"] == 0.0  # an untrained model does not write the gold step
+
+
+def test_learnable_data_end_to_end_keeps_eval_documents_out_of_stage_0(tmp_path):
+    config = _module("synthetic_learnable").get_config("runlocal")
+    config.workdir, config.workers, config.progress = str(tmp_path), 0, False
+    config.world.knowledge.update(dict(num_train_questions=24, num_test_questions=6))
+    config.splits.update(dict(sft_tasks=8, rl_tasks=4))
+    config.collect.policies = config.corpora.mid_train_policies = config.corpora.sft_policies = ("oracle",)
+    config.blocks.mc_k = 1
+    stats = pipeline.run(config)
+    assert stats["blocks"]["rejections"] == 0 and stats["corpora"]["sft_trajectories"] == 8
+    eval_tasks = [json.loads(line) for line in open(tmp_path / "world" / "splits" / "eval.jsonl")]
+    eval_docs = {hop["subject_id"] for task in eval_tasks for hop in task["metadata"]["hops"]}
+    pretrain = {json.loads(line)["id"] for line in open(tmp_path / "corpora" / "pretrain.jsonl")}
+    corpus = {json.loads(line)["id"] for line in open(tmp_path / "world" / "corpus.jsonl")}
+    assert eval_docs and pretrain == corpus - eval_docs  # every other question's documents stay in
