@@ -116,7 +116,10 @@ def sft_example(
         raise ValueError(f"seq_len={seq_len} leaves no room for a response")
     response_ids, response_spans = response_ids[:response_budget], response_spans[:response_budget]
     prompt_budget = response_budget - len(response_ids)
-    prompt_ids = prompt_ids[len(prompt_ids) - prompt_budget :] if prompt_budget > 0 else []
+    # LEAD'S FIX (08:40 UTC; commit it with your work): the old slice start len - budget went negative
+    # whenever the prompt fit, cutting the first (budget - len) tokens of ~60% of learnable-world SFT
+    # prompts (instruction/question lost). Retrain SFT runs made before this fix.
+    prompt_ids = prompt_ids[max(0, len(prompt_ids) - prompt_budget):] if prompt_budget > 0 else []
     prompt_len = len(head) + len(prompt_ids)
     tokens = np.asarray(head + prompt_ids + response_ids, np.int32)
     is_response = np.zeros(len(tokens), np.float32)
