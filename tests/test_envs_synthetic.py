@@ -2,16 +2,23 @@
 import collections
 import dataclasses
 import json
+import re
 
+import numpy as np
 import pytest
 
 from fwm.envs.base import read_tasks
 from fwm.envs.math import MathEnv
-from fwm.envs.retrievers import read_corpus
+from fwm.envs.retrievers import BM25Retriever, read_corpus
 from fwm.envs.synthetic import (ArithmeticConfig, KnowledgeWorldConfig, generate_arithmetic_tasks,
                                 generate_knowledge_world, write_arithmetic_tasks, write_knowledge_world)
-from fwm.envs.synthetic.knowledge import RELATION_BY_NAME
+from fwm.envs.synthetic.knowledge import RELATION_BY_NAME, SYLLABLES
 from fwm.schema import Action
+from fwm.tokenizer import train_sentencepiece
+from fwm.trajectories import collect
+from fwm.trajectories.blocks import RuleBlockWriter
+from fwm.trajectories.policies import KnowledgeMoves, make_policy
+from fwm.trajectories.spoilers import StepContext, spoiler_terms
 
 TINY = KnowledgeWorldConfig(num_people=10, num_cities=4, num_countries=2, num_companies=3, num_universities=2,
                             num_train_questions=40, num_test_questions=15)
@@ -122,3 +129,85 @@ def test_arithmetic_task_solved_through_the_python_tool():
     assert observation.strip() == task.answers[0] and not done
     _, done, info = env.step(Action("answer", observation.strip()))
     assert done and info["score"] == 1.0
+
+
+# ------------------------------------------------------------------------------------ fresh-entity world
+FRESH = KnowledgeWorldConfig(fresh_entities=True, num_train_questions=60, num_test_questions=20,
+                             hop_weights=(0.5, 0.5), incoming_mentions=0, filler_sentences=0)
+
+
+def _chain_ids(task):
+    hops = task.metadata["hops"]
+    return [hops[0]["subject_id"]] + [hop["object_id"] for hop in hops]
+
+
+def test_fresh_world_shares_no_entity_name_or_answer_between_questions():
+    world = generate_knowledge_world(FRESH, seed=0)
+    assert world == generate_knowledge_world(FRESH, seed=0)
+    tasks = world.train_tasks + world.test_tasks
+    owner = {}  # entity id -> the task whose cluster holds it (its chain or its documents)
+    for task in tasks:
+        cluster = set(_chain_ids(task))
+        for hop in task.metadata["hops"]:
+            cluster |= set(world.document(hop["subject_id"]).entity_ids)
+        for entity_id in cluster:
+            assert owner.setdefault(entity_id, task.id) == task.id, f"{entity_id} in {owner[entity_id]} and {task.id}"
+    assert set(owner) == {e.id for e in world.entities}
+    words = [w for e in world.entities for w in e.name.split()
+             if w not in {"Labs", "Works", "Systems", "Industries", "Group", "Dynamics", "University", "Institute",
+                          "College", "Academy"}]
+    assert len(set(words)) == len(words)  # every name word is fresh, so a search finds one question's document
+    answers = collections.Counter(task.answers[0] for task in tasks)
+    assert answers.most_common(1)[0][1] == 1  # the constant answer is right on at most one question
+    assert collections.Counter(t.metadata["num_hops"] for t in tasks).keys() == {1, 2}
+
+
+def test_fresh_world_documents_state_several_relations_one_asked():
+    world = generate_knowledge_world(FRESH, seed=1)
+    for task in world.train_tasks:
+        assert task.metadata["world"] == "knowledge" and task.answers == (task.metadata["hops"][-1]["object"],)
+        for hop in task.metadata["hops"]:
+            subject, document = world.entity(hop["subject_id"]), world.document(hop["subject_id"])
+            relations = dict(subject.relations)
+            assert document.title == subject.name and len(relations) == FRESH.facts_per_document
+            assert relations[hop["relation"]] == hop["object_id"]
+            for relation, object_id in relations.items():  # each fact is one plain sentence
+                assert RELATION_BY_NAME[relation].sentence.format(s=subject.name, o=world.entity(object_id).name) \
+                    in document.contents
+            asked_type = RELATION_BY_NAME[hop["relation"]].object_type
+            same_type = [r for r in relations if RELATION_BY_NAME[r].object_type == asked_type]
+            assert len(same_type) == 2  # a sibling of the asked type: the object's type does not give it away
+
+
+def test_fresh_world_names_are_few_regular_syllables_and_tokenize_into_few_pieces(tmp_path):
+    world = generate_knowledge_world(FRESH, seed=2)
+    syllable_word = re.compile("(?:" + "|".join(SYLLABLES) + "){2,3}")
+    for entity in world.entities:
+        stem = entity.name.split()[0]
+        stem = stem[:-len(suffix)] if entity.type == "country" and (suffix := next(
+            s for s in ("ia", "land", "mark", "stan", "ara") if stem.endswith(s))) else stem
+        for word in [stem] + (entity.name.split()[1:] if entity.type == "person" else []):
+            assert syllable_word.fullmatch(word.lower()), entity.name
+    texts = [d.contents for d in world.documents] + [t.question for t in world.train_tasks]
+    tokenizer = train_sentencepiece(texts, str(tmp_path / "sp.model"), vocab_size=512)
+    pieces = [len(tokenizer.encode(" " + word)) for entity in world.entities for word in entity.name.split()]
+    # BPE cuts syllable strings at no fixed place, but into few pieces: no name word falls back to bytes
+    # (a 3-syllable word + country suffix has up to 10 characters); measured here: mean 3.6, max 7.
+    assert max(pieces) <= 7 and np.mean(pieces) <= 4.5
+
+
+def test_fresh_world_oracle_solves_by_search_and_blocks_pass_the_spoiler_check(tmp_path):
+    world = generate_knowledge_world(FRESH, seed=3)
+    spec = collect.EnvSpec("search", max_turns=6, index_dir=str(tmp_path / "bm25"), topk=1)
+    BM25Retriever.build(world.corpus(), spec.index_dir)
+    env = collect.make_env(spec)
+    oracle = make_policy("oracle", KnowledgeMoves.from_world(world))
+    names = tuple(e.name for e in world.entities)
+    for task in world.train_tasks[:20]:
+        record = collect.run_episode(env, oracle, task, np.random.default_rng(0))
+        assert record.score == 1.0 and len(record.actions) == task.metadata["num_hops"] + 1
+        for hop, observation in zip(task.metadata["hops"], record.observations):
+            assert RELATION_BY_NAME[hop["relation"]].sentence.format(s=hop["subject"], o=hop["object"]) in observation
+        for step in range(len(record.actions)):
+            context = StepContext.from_record(record, step)
+            RuleBlockWriter()(context, 100, spoiler_terms(context, names))  # raises BlockRejected on a leak

@@ -25,7 +25,10 @@ FUTURE_STARTS = ("observation", "action")
 def occurs(normalized_text: str, term: str) -> bool:
     """Whether normalised `term` occurs in already-normalised text at word boundaries (empty terms never do)."""
     needle = normalize_answer(term)
-    return bool(needle) and re.search(r"(?<!\w)" + re.escape(needle) + r"(?!\w)", normalized_text) is not None
+    # The substring test is implied by the match and ~100x cheaper than compiling the pattern (a world
+    # passes tens of thousands of names per block): only names that occur pay for the regex.
+    return (bool(needle) and needle in normalized_text
+            and re.search(r"(?<!\w)" + re.escape(needle) + r"(?!\w)", normalized_text) is not None)
 
 
 def contains_term(text: str, term: str) -> bool:

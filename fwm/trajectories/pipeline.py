@@ -135,6 +135,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.corpora.sft_max_tokens = 1024            # SFT sample budget in tokenizer tokens (BOS + prompt + response + EOS):
                                                # the SFT seq_len; the history is cut to fit, cuts are counted
     c.corpora.pretrain_phrasings = 8           # search world: each document + 7 paraphrases of its facts
+    c.corpora.pretrain_eval_documents = True   # False: `pretrain` leaves out the documents of the eval questions'
+                                               # hops (a fresh-entity world, where they are those questions' own)
 
     c.tokenizer = ml_collections.ConfigDict()  # the world's tokenizer, stage `tokenizer` (WORKDIR/tokenizer.model)
     c.tokenizer.path = ""                      # '' trains one on all corpora; else use this tokenizer (e.g. a
@@ -495,10 +497,14 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     stages["blocks"] = "skipped" if skipped else "ran"
 
     # -- tokenizer: trained on the text of every corpus before the corpora are cut to token budgets
-    pretrain = corpora_lib.pretrain_records(world.documents, world.facts, c.corpora.pretrain_phrasings, c.seed) \
+    held_out_documents = set() if c.corpora.pretrain_eval_documents else {
+        hop["subject_id"] for task in world.splits["eval"] for hop in task.metadata["hops"]}
+    pretrain = corpora_lib.pretrain_records([doc for doc in world.documents if doc["id"] not in held_out_documents],
+                                            world.facts, c.corpora.pretrain_phrasings, c.seed) \
         if world.documents else []
     tokenizer_path = os.path.abspath(c.tokenizer.path) if c.tokenizer.path else os.path.join(workdir, "tokenizer.model")
-    tokenizer_fp = _fingerprint("tokenizer", blocks_fp, c.tokenizer.to_dict(), c.corpora.pretrain_phrasings, c.seed,
+    tokenizer_fp = _fingerprint("tokenizer", blocks_fp, c.tokenizer.to_dict(), c.corpora.pretrain_phrasings,
+                                c.corpora.pretrain_eval_documents, c.seed,
                                 _file_digest(c.tokenizer.path))
 
     def run_tokenizer() -> tuple[dict[str, Any], list[str]]:

@@ -94,16 +94,19 @@ def entity_type(entity_id: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class KnowledgeMoves:
-    """Moves in a knowledge world; `names_by_type` lists every entity name by type (wrong picks come from it)."""
+    """Moves in a knowledge world; `names_by_type` lists every entity name by type (wrong picks come from it),
+    `relations` the relation names the world states, sorted (vague random searches come from it)."""
 
     names_by_type: Mapping[str, tuple[str, ...]]
+    relations: tuple[str, ...]
 
     @classmethod
     def from_world(cls, world: KnowledgeWorld) -> "KnowledgeMoves":
         names: dict[str, list[str]] = {}
         for entity in world.entities:
             names.setdefault(entity.type, []).append(entity.name)
-        return cls({kind: tuple(values) for kind, values in names.items()})
+        relations = tuple(sorted({relation for entity in world.entities for relation, _ in entity.relations}))
+        return cls({kind: tuple(values) for kind, values in names.items()}, relations)
 
     def _other_name(self, kind: str, avoid: Sequence[str], rng: np.random.Generator) -> str:
         """A name of type `kind` not in `avoid` (any other type's name if `kind` has none left)."""
@@ -138,7 +141,7 @@ class KnowledgeMoves:
             return Action("answer", _choice(rng, all_names))
         if rng.random() < 0.5:
             return Action("search", _choice(rng, all_names))
-        return Action("search", vague_query(_choice(rng, sorted(RELATION_BY_NAME))))
+        return Action("search", vague_query(_choice(rng, self.relations)))
 
 
 # -------------------------------------------------------------------------------------------- arithmetic

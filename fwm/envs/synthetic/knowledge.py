@@ -10,6 +10,18 @@ them ("incoming" mentions) and some filler sentences, which make search results 
 Difficulty knobs: the distribution of hop counts (`hop_weights`, `test_hop_weights`), the world size
 (more entities of a type = more candidates), `name_overlap` (people sharing a first or family name, so
 a name search returns near-duplicates), `incoming_mentions` and `filler_sentences`.
+
+The fresh-entity world (`fresh_entities=True`) is built so that a small model cannot memorise and must
+read: every question is a chain of entities invented for it alone (no entity, and no name word, occurs
+in two questions), so no answer recurs and the most common answer is worth ~0 %. Names are 2-3
+syllables from a 70-syllable inventory (SYLLABLES) plus the type's suffix, so they tokenize into a
+few regular pieces. Only the chain's searched subjects have documents; each states
+`facts_per_document` relations in shuffled order (FRESH_RELATIONS: every relation has a sibling of the
+same object type, e.g. born_in / lives_in, and the document holds the asked relation and one sibling),
+so the question's relation -- not the object's type or the sentence's position -- picks the next
+entity. `incoming_mentions` > 0 adds the sentence of the hop that led to a document, and
+`filler_sentences` filler; the num_* counts and name_overlap are unused there. Questions are 1-4 hops
+as `hop_weights` says; the task metadata has the shared world's shape.
 """
 from __future__ import annotations
 
@@ -54,12 +66,42 @@ RELATIONS = (
     Relation("based_in", "university", "city", "{s} is based in {o}.", "the city where {s} is based"),
     Relation("led_by", "university", "person", "{s} is led by {o}.", "the head of {s}"),
 )
-RELATION_BY_NAME = {relation.name: relation for relation in RELATIONS}
+# Relations only the fresh-entity world states (KnowledgeWorldConfig.fresh_entities): with them every
+# relation has a sibling of the same object type (born_in / lives_in, capital / largest_city, ...), so a
+# document that states both makes the question's relation, not the object's type, pick the answer.
+FRESH_RELATIONS = RELATIONS + (
+    Relation("lives_in", "person", "city", "{s} lives in {o}.", "the city where {s} lives"),
+    Relation("invested_in", "person", "company", "{s} invested in {o}.", "the company that {s} invested in"),
+    Relation("taught_at", "person", "university", "{s} taught at {o}.", "the university where {s} taught"),
+    Relation("inspired_by", "person", "person", "{s} was inspired by {o}.", "the person who inspired {s}"),
+    Relation("exports_to", "city", "country", "{s} exports mostly to {o}.", "the country that {s} exports to"),
+    Relation("mayor", "city", "person", "The mayor of {s} is {o}.", "the mayor of {s}"),
+    Relation("city_founder", "city", "person", "{s} was founded by {o}.", "the founder of {s}"),
+    Relation("largest_city", "country", "city", "The largest city of {s} is {o}.", "the largest city of {s}"),
+    Relation("president", "country", "person", "The president of {s} is {o}.", "the president of {s}"),
+    Relation("prime_minister", "country", "person", "The prime minister of {s} is {o}.",
+             "the prime minister of {s}"),
+    Relation("run_by", "company", "person", "{s} is run by {o}.", "the chief executive of {s}"),
+    Relation("factory_in", "company", "city", "{s} has its main factory in {o}.",
+             "the city where {s} has its main factory"),
+    Relation("established_by", "university", "person", "{s} was established by {o}.",
+             "the person who established {s}"),
+    Relation("campus_in", "university", "city", "{s} has a second campus in {o}.",
+             "the city where {s} has a second campus"),
+)
+RELATION_BY_NAME = {relation.name: relation for relation in FRESH_RELATIONS}
+# A city reached as a country's capital or largest city lies in that country.
+_IN_COUNTRY = ("capital", "largest_city")
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "gr", "kr", "tr",
            "th", "sh", "st", "pl", "vr", "zh", "qu")
 _VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ai", "ei", "ou", "ia")
 _CODAS = ("", "", "", "n", "r", "l", "s", "m", "x", "k", "th")
+# The fresh-entity world's names: every word is 2-3 syllables from this inventory (14 x 5 = 70), so a
+# tokenizer learns syllables and copying a name is copying a few regular pieces.
+_SYLLABLE_CONSONANTS = "bdfgklmnprstvz"
+_SYLLABLE_VOWELS = "aeiou"
+SYLLABLES = tuple(c + v for c in _SYLLABLE_CONSONANTS for v in _SYLLABLE_VOWELS)
 _COMPANY_SUFFIXES = ("Labs", "Works", "Systems", "Industries", "Group", "Dynamics")
 _UNIVERSITY_SUFFIXES = ("University", "Institute", "College", "Academy")
 _COUNTRY_SUFFIXES = ("ia", "land", "mark", "stan", "ara")
@@ -97,6 +139,10 @@ class KnowledgeWorldConfig:
     name_overlap: float = 0.2
     incoming_mentions: int = 2
     filler_sentences: int = 1
+    # Fresh-entity world (see the module docstring): every question gets its own invented entities, so
+    # nothing recurs between questions; the num_* counts and name_overlap are then unused.
+    fresh_entities: bool = False
+    facts_per_document: int = 4  # fresh world: relations a document states (the asked one among them)
 
     def __post_init__(self):
         counts = {"num_people": self.num_people, "num_cities": self.num_cities, "num_countries": self.num_countries,
@@ -116,6 +162,8 @@ class KnowledgeWorldConfig:
             if not 1 <= len(weights) <= 4 or any(w < 0 for w in weights) or sum(weights) <= 0:
                 raise ValueError(f"KnowledgeWorldConfig.{name} must hold 1-4 non-negative weights (for 1, 2, ... "
                                  f"hops) with a positive sum, got {weights}")
+        if self.facts_per_document < 1:
+            raise ValueError(f"KnowledgeWorldConfig.facts_per_document must be >= 1, got {self.facts_per_document}")
         if not 0 <= self.name_overlap <= 1:
             raise ValueError(f"KnowledgeWorldConfig.name_overlap must be in [0, 1], got {self.name_overlap}")
 
@@ -185,6 +233,8 @@ class KnowledgeWorld:
 
 def generate_knowledge_world(config: KnowledgeWorldConfig, seed: int) -> KnowledgeWorld:
     """Builds entities, relations, documents and train/test questions; a pure function of (config, seed)."""
+    if config.fresh_entities:
+        return _generate_fresh_world(config, seed)
     rng = random.Random(f"knowledge-world-{seed}")
     entities = _make_entities(config, rng)
     documents = tuple(_make_document(entity, entities, config, rng) for entity in entities.values())
@@ -204,7 +254,7 @@ def write_knowledge_world(world: KnowledgeWorld, directory: str | os.PathLike) -
              (("world", ".jsonl"), ("corpus", ".jsonl"), ("train", ".jsonl"), ("test", ".jsonl"), ("meta", ".json"))}
     mentions = {document.id: list(document.entity_ids) for document in world.documents}
     write_jsonl(paths["world"], ({"id": e.id, "name": e.name, "type": e.type, "relations": dict(e.relations),
-                                  "mentions": mentions[e.id]} for e in world.entities))
+                                  "mentions": mentions.get(e.id, [])} for e in world.entities))
     write_jsonl(paths["corpus"], ({"id": d.id, "contents": d.contents} for d in world.documents))
     write_tasks(paths["train"], world.train_tasks)
     write_tasks(paths["test"], world.test_tasks)
@@ -330,3 +380,109 @@ def _question_task(chain: list[Entity], relations: list[str], split: str, index:
                 metadata={"world": "knowledge", "split": split, "num_hops": len(relations), "hops": hops,
                           "answer_id": answer.id, "answer_type": answer.type},
                 data_source="synthetic_knowledge")
+
+
+# ------------------------------------------------------------------------------------ fresh-entity world
+def _syllable_word(rng: random.Random, used: set[str]) -> str:
+    """A word of 2-3 syllables from SYLLABLES not in `used` (then added to it)."""
+    while True:
+        word = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize()
+        if word not in used:
+            used.add(word)
+            return word
+
+
+def _syllable_name(kind: str, rng: random.Random, used: set[str]) -> str:
+    """A name of a type in the fresh world: fresh syllable words, plus the type's usual suffix."""
+    if kind == "person":
+        return f"{_syllable_word(rng, used)} {_syllable_word(rng, used)}"
+    if kind == "country":
+        return _syllable_word(rng, used) + rng.choice(_COUNTRY_SUFFIXES)
+    if kind == "company":
+        return f"{_syllable_word(rng, used)} {rng.choice(_COMPANY_SUFFIXES)}"
+    if kind == "university":
+        return f"{_syllable_word(rng, used)} {rng.choice(_UNIVERSITY_SUFFIXES)}"
+    return _syllable_word(rng, used)
+
+
+@dataclasses.dataclass
+class _FreshState:
+    """What the fresh world's generator accumulates over questions (one instance per call)."""
+
+    rng: random.Random
+    used_words: set[str] = dataclasses.field(default_factory=set)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    entities: list[Entity] = dataclasses.field(default_factory=list)
+    documents: list[WorldDocument] = dataclasses.field(default_factory=list)
+
+    def new_entity(self, kind: str) -> tuple[str, str]:
+        """(id, name) of a new entity of `kind` ('{type}-{index}' ids, as the shared world's)."""
+        index = self.counts.get(kind, 0)
+        self.counts[kind] = index + 1
+        return f"{kind}-{index}", _syllable_name(kind, self.rng, self.used_words)
+
+
+def _generate_fresh_world(config: KnowledgeWorldConfig, seed: int) -> KnowledgeWorld:
+    """The fresh-entity world: each question is a chain of entities made for it alone (module docstring)."""
+    state = _FreshState(rng=random.Random(f"knowledge-world-fresh-{seed}"))
+    train = tuple(_fresh_question(config, state, "train", i, config.hop_weights)
+                  for i in range(config.num_train_questions))
+    test = tuple(_fresh_question(config, state, "test", i, config.test_hop_weights or config.hop_weights)
+                 for i in range(config.num_test_questions))
+    return KnowledgeWorld(config=config, seed=seed, entities=tuple(state.entities),
+                          documents=tuple(state.documents), train_tasks=train, test_tasks=test)
+
+
+def _fresh_question(config: KnowledgeWorldConfig, state: _FreshState, split: str, index: int,
+                    hop_weights: Sequence[float]) -> Task:
+    """One question with its own entities: each hop's subject gets a document stating
+    `facts_per_document` of its relations (the asked one, one of the same object type when its type has
+    one, then others), sentences shuffled; objects that no hop searches exist only as names in it."""
+    rng = state.rng
+    num_hops = rng.choices(range(1, len(hop_weights) + 1), weights=hop_weights)[0]
+    kind = rng.choice(ENTITY_TYPES)
+    subject_id, subject_name = state.new_entity(kind)
+    chain: list[tuple[str, str, str]] = [(subject_id, subject_name, kind)]  # (id, name, type)
+    forced: dict[str, str] = {}  # relations fixed by the hop before ("located_in" of a capital)
+    relations: list[str] = []
+    incoming: str | None = None  # the sentence of the hop that reached this subject
+    for _ in range(num_hops):
+        subject_id, subject_name, kind = chain[-1]
+        own = [r for r in FRESH_RELATIONS if r.subject_type == kind]
+        chain_ids = {entity_id for entity_id, _, _ in chain}
+        asked = rng.choice([r for r in own if forced.get(r.name) not in chain_ids])
+        same = [r for r in own if r.object_type == asked.object_type and r != asked]
+        stated = [asked] + rng.sample(same, min(1, len(same)))
+        others = [r for r in own if r not in stated]
+        stated += rng.sample(others, max(0, min(len(others), config.facts_per_document - len(stated))))
+        objects: dict[str, tuple[str, str, str]] = {}
+        for relation in stated:
+            if relation.name in forced:
+                objects[relation.name] = next(e for e in chain if e[0] == forced[relation.name])
+            else:
+                objects[relation.name] = (*state.new_entity(relation.object_type), relation.object_type)
+        sentences = [r.sentence.format(s=subject_name, o=objects[r.name][1]) for r in stated]
+        if incoming is not None and config.incoming_mentions > 0:
+            sentences.append(incoming)
+        fillers = _FILLERS[kind]
+        for template in rng.sample(fillers, min(config.filler_sentences, len(fillers))):
+            sentences.append(template.format(n=subject_name, hobby=rng.choice(_HOBBIES), thing=rng.choice(_THINGS),
+                                             k=rng.randint(2, 90)))
+        rng.shuffle(sentences)
+        mentioned = [subject_id] + [objects[r.name][0] for r in stated] + ([chain[-2][0]] if incoming else [])
+        state.documents.append(WorldDocument(id=subject_id, contents=f"{subject_name}\n" + " ".join(sentences),
+                                             entity_ids=tuple(dict.fromkeys(mentioned))))
+        state.entities.append(Entity(id=subject_id, name=subject_name, type=kind,
+                                     relations=tuple((r.name, objects[r.name][0]) for r in stated)))
+        for relation in stated:  # objects no hop searches: names only (the next subject is added above)
+            object_id, object_name, object_type = objects[relation.name]
+            if relation is not asked and object_id not in chain_ids:
+                state.entities.append(Entity(id=object_id, name=object_name, type=object_type, relations=()))
+        relations.append(asked.name)
+        chain.append(objects[asked.name])
+        forced = {"located_in": subject_id} if asked.name in _IN_COUNTRY else {}
+        incoming = asked.sentence.format(s=subject_name, o=objects[asked.name][1])
+    answer_id, answer_name, answer_type = chain[-1]
+    state.entities.append(Entity(id=answer_id, name=answer_name, type=answer_type, relations=()))
+    entities = [Entity(id=i, name=n, type=t, relations=()) for i, n, t in chain]
+    return _question_task(entities, relations, split, index)

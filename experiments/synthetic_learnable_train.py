@@ -1,0 +1,93 @@
+"""Training on the fresh-entity search world (experiments/synthetic_learnable.py): stage 0, then SFT.
+
+Data: the `fwm data` workdir of synthetic_learnable.py, read from $FWM_LEARNABLE_DATA (default
+/tmp/fwm_learnable). The measured recipe (README / issue 10 report; 0.92M parameters):
+
+  fwm data --config experiments/synthetic_learnable.py --workdir /tmp/fwm_learnable \
+      --config.blocks.mc_k=2 --config.blocks.share=0.25          # the measured data (blocks cost most)
+  fwm train --config experiments/synthetic_learnable_train.py:pretrain --workdir /tmp/fl_pre   # 600 steps
+  fwm train --config experiments/synthetic_learnable_train.py --workdir /tmp/fl_sft \
+      --config.init.source=orbax:/tmp/fl_pre/checkpoints --config.tokenizer.path=/tmp/fl_pre/tokenizer.model \
+      --config.train.steps=1000        # then rerun with --config.train.steps=2000 to continue (cosine redone)
+  python experiments/action_match.py --checkpoint /tmp/fl_sft/checkpoints --tokenizer /tmp/fl_pre/tokenizer.model \
+      --samples /tmp/fwm_learnable/corpora/sft_plain_eval.jsonl --tasks /tmp/fwm_learnable/world/splits/sft.jsonl
+  python experiments/learnable_eval.py --checkpoint /tmp/fl_sft/checkpoints --tokenizer /tmp/fl_pre/tokenizer.model \
+      --data /tmp/fwm_learnable --split eval
+
+Stage 0 (`:pretrain`) is LM training on the world's documents without the evaluation questions'
+(corpora/pretrain.jsonl): each document repeats its fresh subject name ~5 times, which is where the
+model learns to copy (in-context NLL of a name's later mentions fell from 2.6 to 0.28 nats/token
+between steps 300 and 600, while SFT from scratch learned copying slowly). `:mid_plain` / `:mid_wm`
+train on the mid-training trajectories without / with blocks (mid-training questions only). SFT from
+scratch is the default variant without init.source.
+
+Variants (comma-separated arg): plain (default) | state | full (which sft_* corpus), pretrain (stage 0),
+mid_plain | mid_wm (mid-training), big (6 layers of 192, 2.8M parameters, instead of 4 of 128, 0.9M),
+runlocal (a smoke test of a few steps). The tokenizer (SentencePiece, 1024 pieces) is trained into the
+workdir from the training files on first use; chain stages with tokenizer.path. seq_len 384 (plain) /
+768 (state, full) holds every sample untruncated; samples are packed first-fit, ~2 plain per row.
+"""
+import os
+
+from fwm.config import default_config
+from fwm.configlib import parse_variants
+
+VARIANTS = ("plain", "state", "full", "pretrain", "mid_plain", "mid_wm", "big", "runlocal")
+DATA_ENV = "FWM_LEARNABLE_DATA"
+DEFAULT_DATA = "/tmp/fwm_learnable"
+
+
+def get_config(arg=None):
+    variants = parse_variants(arg, VARIANTS, "experiments/synthetic_learnable_train.py", default="plain")
+    formats = variants & {"plain", "state", "full"}
+    if len(formats) > 1:
+        raise ValueError(f"experiments/synthetic_learnable_train.py: at most one of plain/state/full, got {formats}")
+    corpora = os.path.join(os.environ.get(DATA_ENV, DEFAULT_DATA), "corpora")
+    config = default_config()
+    config.data.batch_size = 8
+    if "pretrain" in variants:
+        config.stage = "pretrain"
+        config.data.train_files = (os.path.join(corpora, "pretrain.jsonl"),)
+        config.data.eval_files = ()
+        config.data.seq_len = 256
+        config.data.batch_size = 16
+    elif variants & {"mid_plain", "mid_wm"}:
+        name = "mid_train_wm" if "mid_wm" in variants else "mid_train_plain"
+        config.stage = "mid_train"
+        config.data.train_files = (os.path.join(corpora, f"{name}.jsonl"),)
+        config.data.eval_files = (os.path.join(corpora, f"{name}_eval.jsonl"),)
+        config.data.seq_len = 512
+    else:
+        name = "sft_" + (formats.pop() if formats else "plain")
+        config.stage = "sft"
+        config.data.train_files = (os.path.join(corpora, f"{name}.jsonl"),)
+        config.data.eval_files = (os.path.join(corpora, f"{name}_eval.jsonl"),)
+        config.data.seq_len = 384 if name == "sft_plain" else 768
+        config.data.pack = True  # first-fit packing: ~2 plain samples per row
+
+    # 1024 pieces: a name word is ~3 pieces (with 512, nearly all go to bytes, tags and the
+    # instruction's words, and a name word is ~5 pieces, close to letters).
+    config.tokenizer.train.vocab_size = 1024
+    config.model.update(dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+                             mlp_dim=384, max_seq_len=768))
+    if "big" in variants:
+        config.model.update(dict(hidden_size=192, num_layers=6, num_heads=6, num_kv_heads=2, head_dim=32,
+                                 mlp_dim=512))
+
+    config.optim.lr = 2e-3
+    config.optim.warmup_steps = 100
+    config.optim.weight_decay = 0.01
+    config.optim.min_lr_ratio = 0.05
+
+    config.train.steps = 600 if config.stage == "pretrain" else 1500
+    config.train.log_every = 25
+    config.train.ckpt_every = 250
+    config.train.keep_ckpts = 20
+    config.train.eval_every = 250
+    config.train.eval_batches = 8
+    if "runlocal" in variants:
+        config.train.steps = 6
+        config.train.ckpt_every = config.train.eval_every = 3
+        config.train.log_every = 1
+        config.train.eval_batches = 1
+    return config
