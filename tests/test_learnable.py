@@ -71,6 +71,8 @@ def test_learnable_data_end_to_end_keeps_eval_documents_out_of_stage_0(tmp_path)
     assert stats["blocks"]["rejections"] == 0 and stats["corpora"]["sft_trajectories"] == 8
     eval_tasks = [json.loads(line) for line in open(tmp_path / "world" / "splits" / "eval.jsonl")]
     eval_docs = {hop["subject_id"] for task in eval_tasks for hop in task["metadata"]["hops"]}
-    pretrain = {json.loads(line)["id"] for line in open(tmp_path / "corpora" / "pretrain.jsonl")}
+    # stage-0 records are documents and their paraphrases ("DOC/pN"), split into train and eval files
+    pretrain = {json.loads(line)["id"].split("/")[0] for name in ("pretrain.jsonl", "pretrain_eval.jsonl")
+                if (tmp_path / "corpora" / name).exists() for line in open(tmp_path / "corpora" / name)}
     corpus = {json.loads(line)["id"] for line in open(tmp_path / "world" / "corpus.jsonl")}
     assert eval_docs and pretrain == corpus - eval_docs  # every other question's documents stay in
