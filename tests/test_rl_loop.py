@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from fwm import config as config_lib
 from fwm import schema
@@ -15,6 +16,7 @@ from fwm.envs.jsonl import write_jsonl
 from fwm.envs.retrievers import BM25Retriever, Doc
 from fwm.rl.loop import run
 from fwm.tokenizer import train_sentencepiece
+from fwm.train.run_control import NonFiniteLossError
 
 DOCS = [Doc("d1", "Paris\nParis is the capital of France."), Doc("d2", "Lyon\nLyon is a city in France."),
         Doc("d3", "Anne\nAnne is the mayor of Paris."), Doc("d4", "Berlin\nBerlin is the capital of Germany.")]
@@ -66,6 +68,17 @@ def test_rl_loop_trains_checkpoints_and_resumes(tmp_path):
     assert second["step"] == 6 and second["iteration"] == 2
     lines = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 6] and [line["iteration"] for line in lines] == [1, 2]
+
+    # Divergence: the iteration's first update (finite loss) blows the weights up, the second is not finite.
+    config = _config(tmp_path, steps=10)
+    config.optim.lr = 1e30
+    with pytest.raises(NonFiniteLossError, match=r"step 8: loss is") as err:
+        run(config)
+    assert "last good checkpoint: step 6" in str(err.value)
+    saved = sorted(int(name) for name in os.listdir(tmp_path / "work" / "checkpoints") if name.isdigit())
+    assert saved[-1] == 6  # nothing of the diverged iteration saved or written
+    lines = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [2, 6]
 
 
 def _start(tmp_path, steps, ckpt_every):
