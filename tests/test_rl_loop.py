@@ -68,6 +68,8 @@ def test_rl_loop_trains_checkpoints_and_resumes(tmp_path):
     assert second["step"] == 6 and second["iteration"] == 2
     lines = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 6] and [line["iteration"] for line in lines] == [1, 2]
+    assert "iteration_s" not in lines[-1]  # wall clock goes to TensorBoard only
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "work" / "tb"))
 
     # Divergence: the iteration's first update (finite loss) blows the weights up, the second is not finite.
     config = _config(tmp_path, steps=10)

@@ -19,6 +19,7 @@
   next task batch and the same iteration count (the rollout and mini-batch RNG are derived from
   train.seed and the iteration, so the iteration is the RNG state). metrics.jsonl gets one line per
   iteration (step = optimiser updates so far); a resumed run first cuts it back to the restored step.
+  TensorBoard (WORKDIR/tb) gets the same scalars plus the iteration's wall-clock seconds and an ETA.
 - Run control as in the supervised loop (fwm/train/run_control.py): SIGTERM / SIGINT finish the
   current iteration, save a checkpoint and return normally (exit code 0 from the CLI), a second signal
   aborts at once; a NaN/Inf loss or gradient norm in an iteration raises NonFiniteLossError before
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -196,16 +198,21 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 logging.info("rl already finished: checkpoint step %d >= train.steps %d", step, total_steps)
             while step < total_steps:
                 task_batch = _tasks_of(next(tasks), int(rl.group_size))
+                started, done = time.perf_counter(), step
                 state, record = rl_iteration(state, task_batch, iteration, config=config, model_cfg=model_cfg,
                                              mesh=mesh, tokenizer=tokenizer, pool=pool, rl_step=rl_step,
                                              token_logprobs=token_logprobs, ref_params=ref_params, options=options)
                 iteration, step = iteration + 1, int(state.step)
                 record = check_finite(step, record, root, manager)  # raises before this iteration is written
                 record["iteration"] = float(iteration)
-                writer.write(step, record)
-                logging.info("rl iteration %d, step %d: reward %.3f, correct %.3f, format %.3f, loss %.4f", iteration,
-                             step, record["reward"], record["correct"], record["format_adherence"],
-                             record.get("loss", float("nan")))
+                seconds = time.perf_counter() - started  # wall clock: TensorBoard only, not metrics.jsonl
+                perf = {"perf/iteration_s": seconds}
+                if step > done:
+                    perf["perf/eta_s"] = seconds / (step - done) * max(total_steps - step, 0)
+                writer.write(step, record, perf)
+                logging.info("rl iteration %d, step %d/%d: reward %.3f, correct %.3f, format %.3f, loss %.4f | "
+                             "%.1f s/iteration", iteration, step, total_steps, record["reward"], record["correct"],
+                             record["format_adherence"], record.get("loss", float("nan")), seconds)
                 preempted = stop.requested(step, True)  # iterations sync anyway (the rollout needs the params)
                 want_ckpt = preempted or iteration % int(config.train.ckpt_every) == 0 or step >= total_steps
                 if want_ckpt and step != saved:
