@@ -32,7 +32,7 @@ def _known_error(err: BaseException) -> BaseException | None:
     from fwm.data.records import BadRecordError
     from fwm.files import DataFormatError
     from fwm.train.inputs import TokenizerMismatchError
-    from fwm.train.loop import NonFiniteLossError
+    from fwm.train.run_control import NonFiniteLossError
 
     known = (ConfigError, BadRecordError, DataFormatError, TokenizerMismatchError, NonFiniteLossError,
              FileNotFoundError)

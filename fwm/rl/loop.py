@@ -16,17 +16,24 @@
 - The reference model of the KL is the policy the run started from (config.init.source), frozen.
 - Checkpoints (fwm/train/checkpoints.py: state, task iterator, meta with the iteration) after every
   train.ckpt_every-th iteration and at the end; a workdir with a checkpoint resumes from it, with the
-  next task batch. metrics.jsonl gets one line per iteration (step = optimiser updates so far).
+  next task batch and the same iteration count (the rollout and mini-batch RNG are derived from
+  train.seed and the iteration, so the iteration is the RNG state). metrics.jsonl gets one line per
+  iteration (step = optimiser updates so far); a resumed run first cuts it back to the restored step.
+  TensorBoard (WORKDIR/tb) gets the same scalars plus the iteration's wall-clock seconds and an ETA.
+- Run control as in the supervised loop (fwm/train/run_control.py): SIGTERM / SIGINT finish the
+  current iteration, save a checkpoint and return normally (exit code 0 from the CLI), a second signal
+  aborts at once; a NaN/Inf loss or gradient norm in an iteration raises NonFiniteLossError before
+  anything of that iteration is written or saved (the last good checkpoint stays the newest).
 - The tokenizer must exist (tokenizer.path, else WORKDIR/tokenizer.model): the one the SFT checkpoint
   was trained with.
-Not here yet: SIGTERM handling (a preempted run loses the iterations since its last checkpoint), the
-Search-R1 HTTP retriever (EnvPool takes one; no config key yet) and multi-host rollouts (every process
-would run its own episodes; the batch building is per process).
+Not here yet: the Search-R1 HTTP retriever (EnvPool takes one; no config key yet) and multi-host
+rollouts (every process would run its own episodes; the batch building is per process).
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Callable, Sequence
 
 import jax
@@ -49,6 +56,7 @@ from fwm.tokenizer import load_tokenizer
 from fwm.train import checkpoints
 from fwm.train.inputs import tokenizer_path
 from fwm.train.metrics import MetricsWriter, truncate_jsonl
+from fwm.train.run_control import StopRequest, check_finite, warn_config_changes
 from fwm.train.state import TrainState, abstract_state, create_state, initial_params, make_optimizer, param_shardings
 from fwm.trajectories.collect import EnvSpec, derive_seed
 
@@ -159,6 +167,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         model_cfg = transformer.ModelConfig.from_dict(meta["model_config"])
         state = checkpoints.restore(manager, start, abstract_state(model_cfg, tx, mesh), tasks)
         iteration = int(meta["iteration"])
+        warn_config_changes(meta.get("config", {}), json.loads(config.to_json()))
         logging.info("resumed rl from %s/%d (iteration %d)", checkpoints.checkpoint_root(workdir), start, iteration)
     else:
         start, iteration = 0, 0
@@ -180,27 +189,43 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     writer = MetricsWriter(workdir, enabled=is_writer, purge_step=start + 1 if start else None)
     meta = {"model_config": model_cfg.to_dict(), "config": json.loads(config.to_json()), "tokenizer": tok_path,
             "stage": "rl"}
+    root = checkpoints.checkpoint_root(workdir)
     record: dict[str, float] = {}
-    step, saved = int(state.step), start
+    step, saved, preempted = int(state.step), start, False
     try:
-        with EnvPool(env_spec(rl), threads=int(rl.env_threads)) as pool:
+        with StopRequest("iteration") as stop, EnvPool(env_spec(rl), threads=int(rl.env_threads)) as pool:
+            if step >= total_steps:
+                logging.info("rl already finished: checkpoint step %d >= train.steps %d", step, total_steps)
             while step < total_steps:
                 task_batch = _tasks_of(next(tasks), int(rl.group_size))
+                started, done = time.perf_counter(), step
                 state, record = rl_iteration(state, task_batch, iteration, config=config, model_cfg=model_cfg,
                                              mesh=mesh, tokenizer=tokenizer, pool=pool, rl_step=rl_step,
                                              token_logprobs=token_logprobs, ref_params=ref_params, options=options)
                 iteration, step = iteration + 1, int(state.step)
+                record = check_finite(step, record, root, manager)  # raises before this iteration is written
                 record["iteration"] = float(iteration)
-                writer.write(step, record)
-                logging.info("rl iteration %d, step %d: reward %.3f, correct %.3f, format %.3f, loss %.4f", iteration,
-                             step, record["reward"], record["correct"], record["format_adherence"],
-                             record.get("loss", float("nan")))
-                if (iteration % int(config.train.ckpt_every) == 0 or step >= total_steps) and step != saved:
+                seconds = time.perf_counter() - started  # wall clock: TensorBoard only, not metrics.jsonl
+                perf = {"perf/iteration_s": seconds}
+                if step > done:
+                    perf["perf/eta_s"] = seconds / (step - done) * max(total_steps - step, 0)
+                writer.write(step, record, perf)
+                logging.info("rl iteration %d, step %d/%d: reward %.3f, correct %.3f, format %.3f, loss %.4f | "
+                             "%.1f s/iteration", iteration, step, total_steps, record["reward"], record["correct"],
+                             record["format_adherence"], record.get("loss", float("nan")), seconds)
+                preempted = stop.requested(step, True)  # iterations sync anyway (the rollout needs the params)
+                want_ckpt = preempted or iteration % int(config.train.ckpt_every) == 0 or step >= total_steps
+                if want_ckpt and step != saved:
                     checkpoints.save(manager, step, state, tasks, {**meta, "step": step, "iteration": iteration})
                     saved = step
+                if preempted:
+                    logging.warning("preempted by %s at iteration %d, step %d: saved checkpoint %s/%d; rerun the "
+                                    "same command to resume", stop.name or "a peer process", iteration, step, root,
+                                    saved)
+                    break
     finally:
         manager.wait_until_finished()
         manager.close()
         writer.close()
-    return {"step": step, "iteration": iteration, "last_record": record,
-            "checkpoint_dir": checkpoints.checkpoint_root(workdir)}
+    return {"step": step, "iteration": iteration, "preempted": preempted, "last_record": record,
+            "checkpoint_dir": root}

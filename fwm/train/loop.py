@@ -12,7 +12,8 @@
   batch); metrics.jsonl is cut back to the restored step first, so it ends equal to an uninterrupted
   run's.
 - SIGTERM / SIGINT: the current step finishes, a checkpoint is saved, `run` returns normally (exit
-  code 0 from the CLI) and logs where it saved; a second signal aborts at once.
+  code 0 from the CLI) and logs where it saved; a second signal aborts at once (fwm/train/run_control.py,
+  shared with the RL loop).
 - A NaN/Inf loss or gradient norm raises NonFiniteLossError (step and value) without saving.
 - Eval every train.eval_every steps and always at the last step: one pass over every eval record
   exactly once (train.eval_batches > 0 caps it), the last batch padded with zero-weight rows.
@@ -23,10 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import signal
-import threading
 from typing import Any
 
 import jax
@@ -41,12 +39,10 @@ from fwm.train import checkpoints, inputs
 from fwm.train.inputs import TokenizerMismatchError
 from fwm.train.losses import BATCH_KEYS
 from fwm.train.metrics import MetricsWriter, Throughput, peak_flops_per_device, truncate_jsonl
+# NonFiniteLossError stays importable from here (fwm.train.loop.NonFiniteLossError)
+from fwm.train.run_control import NonFiniteLossError, StopRequest, check_finite, warn_config_changes  # noqa: F401
 from fwm.train.state import abstract_state, create_state, initial_params, make_optimizer
 from fwm.train.steps import make_eval_step, make_train_step
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Training diverged; the message names the step, the values and the last good checkpoint."""
 
 
 @dataclasses.dataclass
@@ -61,69 +57,8 @@ class RunResult:
     perf: dict[str, float]           # training throughput over the run (steps/s, tokens/s, mfu; no compile/eval)
 
 
-class _StopRequest:
-    """Turns SIGTERM/SIGINT into a flag the loop polls; a second signal restores the default and aborts."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.name: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        else:
-            logging.warning("not in the main thread: SIGTERM/SIGINT will not trigger a clean save")
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.name is not None:
-            self.__exit__()
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting without saving")
-        self.name = signal.Signals(signum).name
-        logging.warning("%s received: finishing the current step, then saving a checkpoint", self.name)
-
-    def requested(self, step: int, sync: bool) -> bool:
-        """Whether to stop after `step`; with several processes all agree (checked at sync steps only)."""
-        if jax.process_count() == 1:
-            return self.name is not None
-        if not sync:
-            return False
-        from jax.experimental import multihost_utils
-
-        return bool(multihost_utils.process_allgather(int(self.name is not None)).max())
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous = {}
-
-
 def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json())
-
-
-def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> None:
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            _warn_config_changes(a, b, f"{prefix}{key}.")
-        elif a != b and f"{prefix}{key}" != "train.workdir":
-            logging.warning("config %s%s changed since the checkpoint: %r -> %r", prefix, key, a, b)
-
-
-def _fetch(step: int, metrics: dict[str, jax.Array], root: str, manager: Any) -> dict[str, float]:
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not (math.isfinite(values["loss"]) and math.isfinite(values["grad_norm"])):
-        last = manager.latest_step()
-        where = f"step {last} in {root}" if last is not None else f"none in {root}"
-        raise NonFiniteLossError(
-            f"step {step}: loss is {values['loss']} and grad_norm {values['grad_norm']}; stopped without saving "
-            f"(last good checkpoint: {where}). Lower optim.lr, raise optim.warmup_steps or check the data."
-        )
-    return values
 
 
 def _eval_batches(dataset: Any, keys: tuple[str, ...], cap: int, batch_size: int) -> tuple[list[dict], dict]:
@@ -215,7 +150,7 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     if start is not None:
         meta = resume_meta
         model_cfg = transformer.ModelConfig.from_dict(meta["model_config"])
-        _warn_config_changes(meta.get("config", {}), _config_json(config))
+        warn_config_changes(meta.get("config", {}), _config_json(config))
         if tokenizer.vocab_size > model_cfg.vocab_size:
             raise TokenizerMismatchError(f"{tok_path} has {tokenizer.vocab_size} ids but the checkpoint's model only "
                                          f"{model_cfg.vocab_size}: the tokenizer changed since step {start}")
@@ -258,7 +193,7 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
                evaluate: bool = False) -> None:
         """Fetches step done_step's metrics (raises if not finite), evaluates if asked, logs and writes."""
         nonlocal last_record
-        values = _fetch(done_step, device_metrics, root, manager)
+        values = check_finite(done_step, device_metrics, root, manager)
         throughput.add_trained_tokens(values["tokens"])
         truncation[0] += counts[0]
         truncation[1] += counts[1]
@@ -282,7 +217,7 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
             last_record = record
 
     try:
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             if start >= total_steps:
                 logging.info("%s already finished: checkpoint step %d >= train.steps %d", stage, start, total_steps)
             while step < total_steps:
