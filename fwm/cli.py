@@ -9,7 +9,7 @@ import contextlib
 import logging as pylogging
 import os
 import sys
-from typing import Iterator
+from typing import Any, Iterator
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -119,29 +119,40 @@ def _cmd_train(args: list[str]) -> None:
     logging.info("%s done: %s", config.stage, result)
 
 
+def _config_with_workdir(command: str, keys: tuple[str, str], kind: str, example: str, validate: Any,
+                         usage: str) -> Any:
+    """The --config of a data or eval command: checked to be `kind` (it has both `keys`), --workdir set into
+    config.workdir, validated (a ConfigError exits with its one-line message); usage error without a workdir."""
+    from fwm.configlib import ConfigError
+
+    config = _TRAIN_CONFIG.value
+    if any(key not in config for key in keys):
+        sys.exit(f"{command}: {config_flags.get_config_filename(FLAGS['config'])} is not {kind} (it has no "
+                 f"{keys[0]!r} and {keys[1]!r} keys); use one built on {example}")
+    with config.unlocked():
+        config.workdir = FLAGS.workdir or config.workdir
+    try:
+        validate(config)
+    except ConfigError as err:
+        sys.exit(f"{command}: {err}")
+    if not config.workdir:
+        raise app.UsageError(usage)
+    return config
+
+
 def _cmd_data(args: list[str]) -> None:
     """fwm data --config experiments/synthetic_*.py[:runlocal] [--config.a.b=v ...] --workdir DIR: world,
     trajectories, world-model blocks and stage corpora into DIR (finished stages are skipped); prints stats."""
     usage = "usage: fwm data --config experiments/synthetic_search.py[:runlocal] [--config.a.b=v ...] --workdir DIR"
     if args or _TRAIN_CONFIG.value is None:
         raise app.UsageError(usage)
-    from fwm import config as config_lib
     from fwm.trajectories import collect, pipeline
 
     collect.cpu_only_jax()  # nothing here needs an accelerator; bm25s would otherwise claim it (see there)
-    config = _TRAIN_CONFIG.value
-    if "workdir" not in config or "world" not in config:
-        sys.exit(f"fwm data: {config_flags.get_config_filename(FLAGS['config'])} is not a data config (it has no "
-                 f"'world' and 'workdir' keys); use one built on fwm.trajectories.pipeline.default_data_config(), "
-                 f"such as experiments/synthetic_search.py")
-    with config.unlocked():
-        config.workdir = FLAGS.workdir or config.workdir
-    try:
-        pipeline.validate_data_config(config)
-    except config_lib.ConfigError as err:
-        sys.exit(f"fwm data: {err}")
-    if not config.workdir:
-        raise app.UsageError(usage)
+    config = _config_with_workdir("fwm data", ("world", "workdir"), "a data config",
+                                  "fwm.trajectories.pipeline.default_data_config(), such as "
+                                  "experiments/synthetic_search.py",
+                                  pipeline.validate_data_config, usage)
     with _known_errors_as_messages("fwm data"):
         stats = pipeline.run(config)
     print(pipeline.format_stats(stats), flush=True)
@@ -154,23 +165,12 @@ def _cmd_eval(args: list[str]) -> None:
              "--config.data_dir=DATA_DIR [--config.a.b=v ...] --workdir DIR")
     if args or _TRAIN_CONFIG.value is None:
         raise app.UsageError(usage)
-    from fwm.configlib import ConfigError
     from fwm.eval import run as eval_run
     from fwm.eval.config import validate_eval_config
 
-    config = _TRAIN_CONFIG.value
-    if "checkpoint" not in config or "sampling" not in config:
-        sys.exit(f"fwm eval: {config_flags.get_config_filename(FLAGS['config'])} is not an eval config (it has no "
-                 f"'checkpoint' and 'sampling' keys); use one built on fwm.eval.config.default_eval_config(), such "
-                 f"as experiments/eval.py")
-    with config.unlocked():
-        config.workdir = FLAGS.workdir or config.workdir
-    try:
-        validate_eval_config(config)
-    except ConfigError as err:
-        sys.exit(f"fwm eval: {err}")
-    if not config.workdir:
-        raise app.UsageError(usage)
+    config = _config_with_workdir("fwm eval", ("checkpoint", "sampling"), "an eval config",
+                                  "fwm.eval.config.default_eval_config(), such as experiments/eval.py",
+                                  validate_eval_config, usage)
     results = eval_run.run(config)
     print(open(os.path.join(config.workdir, "eval.md"), encoding="utf-8").read(), flush=True)
     logging.info("eval done: %d tasks; results in %s", results["num_tasks"], config.workdir)
