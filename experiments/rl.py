@@ -13,12 +13,19 @@ Variants (comma-separated arg; the model's shapes come from the checkpoint):
   plain      a plain-SFT checkpoint: no world-model span (plain GRPO)
   dapo       token-mean loss, clip-higher 0.28, no KL (DAPO's choices)
   math       the python tool and omega 0.1 (pass no rl.index_dir)
+  learnable  the fresh-entity world of experiments/synthetic_learnable.py ($FWM_LEARNABLE_DATA, default
+             /tmp/fwm_learnable: its rl_tasks and BM25 index, 1 passage per search, 6 turns) at a small
+             model's learning rate (1e-4 against 1e-6 for billions of parameters), groups of 8 over 8 tasks
   runlocal   4 optimiser updates of a small rollout (smoke tests)
 """
+import os
+
 from fwm.config import default_config
 from fwm.configlib import parse_variants
 
-VARIANTS = ("fc_rl", "grpo", "no_ground", "omega0.1", "omega0.5", "state", "plain", "dapo", "math", "runlocal")
+VARIANTS = ("fc_rl", "grpo", "no_ground", "omega0.1", "omega0.5", "state", "plain", "dapo", "math", "learnable",
+            "runlocal")
+LEARNABLE_DATA_ENV, LEARNABLE_DEFAULT_DATA = "FWM_LEARNABLE_DATA", "/tmp/fwm_learnable"
 
 
 def get_config(arg=None):
@@ -47,6 +54,13 @@ def get_config(arg=None):
         config.rl.update(dict(loss_aggregation="token_mean", clip_eps_high=0.28, kl_beta=0.0))
     if "math" in variants:
         config.rl.tool = "python"
+    if "learnable" in variants:
+        data = os.environ.get(LEARNABLE_DATA_ENV, LEARNABLE_DEFAULT_DATA)
+        config.data.train_files = (os.path.join(data, "corpora", "rl_tasks.jsonl"),)
+        config.optim.lr = 1e-4
+        config.train.update(dict(steps=30, ckpt_every=5))
+        config.rl.update(dict(index_dir=os.path.join(data, "world", "bm25"), topk=1, max_turns=6, group_size=8,
+                              rollout_batch=64, mini_batches=4))
     if "runlocal" in variants:
         config.train.update(dict(steps=4, ckpt_every=1))
         config.rl.update(dict(group_size=2, rollout_batch=4, max_turns=2, max_new_tokens=32, mini_batches=2))

@@ -86,3 +86,16 @@ def test_tensorboard_scalars_are_the_numbers_of_each_mode():
         "eval/greedy/by_source/all/score": 0.5, "eval/greedy/by_source/all/episodes": 2.0,
         "eval/greedy/by_source/all/mean_at_4": 0.25, "eval/greedy/calibration/steps/ece": 0.1,
         "eval/greedy/recovery/episodes": 0.0, "eval/greedy/k": 4.0}
+
+
+def test_turns_and_topk_default_to_the_data_workdirs_own(tmp_path):
+    config = default_eval_config()
+    config.data_dir = str(tmp_path)
+    assert run.turns_and_topk(config) == (8, 3)  # no stats.json: the defaults
+    (tmp_path / "stats.json").write_text(json.dumps({"env": {"max_turns": 6, "topk": 1}}))
+    assert run.turns_and_topk(config) == (6, 1)  # what the trajectories were collected with
+    config.env.topk = 2
+    assert run.turns_and_topk(config) == (6, 2)  # an explicit value wins
+    (tmp_path / "stats.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="stats.json"):
+        run.turns_and_topk(config)

@@ -36,6 +36,10 @@ def test_learnable_configs_validate():
     assert train.get_config("full").data.train_files[0].endswith("sft_full.jsonl")
     with pytest.raises(ValueError, match="at most one"):
         train.get_config("plain,full")
+    rl = _module("rl").get_config("learnable")  # RL on the same world: its env, tasks and index
+    rl.init.source = "orbax:/sft/checkpoints"
+    config_lib.validate(rl)
+    assert (rl.rl.topk, rl.rl.max_turns) == (1, 6) and rl.data.train_files[0].endswith("rl_tasks.jsonl")
 
 
 def test_probe_masks_the_response_and_its_action(tmp_path):

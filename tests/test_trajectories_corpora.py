@@ -251,3 +251,39 @@ def test_pretraining_corpus_states_every_fact_in_several_phrasings():
     for record in built:
         records.validate_lm(record)
     assert len(text.split()) > 5 * sum(len(d["text"].split()) for d in documents) / 2
+
+
+def test_evidence_think_quotes_the_sentence_the_argument_was_read_from():
+    first = ("Doc 1(Title: Dugegi) Dugegi exports mostly to Saroara. The mayor of Dugegi is Vuduno Lafu.\n"
+             "Doc 2(Title: Kafila) Kafila lies on the coast.")
+    second = "Doc 1(Title: Saroara) The largest city of Saroara is Duvilu. Saroara was founded by Vipi Raze."
+    search, answer = schema.Action("search", "Saroara"), schema.Action("answer", "Duvilu")
+    assert corpora.evidence_sentence("Saroara", [first]) == "Dugegi exports mostly to Saroara."
+    assert corpora.evidence_sentence("Vuduno Lafu", [first]) == "The mayor of Dugegi is Vuduno Lafu."
+    # the latest observation naming it wins; its first sentence naming it
+    assert corpora.evidence_sentence("Saroara", [first, second]) == "The largest city of Saroara is Duvilu."
+    assert corpora.think_text(search, [first], "evidence") == \
+        "Dugegi exports mostly to Saroara. I will search for Saroara."
+    assert corpora.think_text(answer, [first, second], "evidence") == \
+        "The largest city of Saroara is Duvilu. My answer is Duvilu."
+    # nothing read names it (a first search, a guess): the action's sentence alone; word boundaries hold
+    assert corpora.think_text(schema.Action("search", "Dugegi"), [], "evidence") == "I will search for Dugegi."
+    assert corpora.think_text(schema.Action("answer", "Saro"), [first], "evidence") == "My answer is Saro."
+    assert corpora.think_text(search, [first], "action") == "I will search for Saroara."
+    assert corpora.evidence_sentence("X", ["Doc 1(Title: X) X is " + "very " * 80 + "long."]) is None
+    with pytest.raises(ValueError, match="think style"):
+        corpora.think_text(search, [first], "quote")
+
+
+def test_evidence_think_reaches_every_corpus(material, tmp_path):
+    mid, _, sft, block_map = material
+    corpora.build_corpora(str(tmp_path), mid, sft, block_map, corpora.CorpusOptions(eval_fraction=0.0, think="evidence"))
+    quoted = [r for r in _read(tmp_path, "sft_plain") if "I will search for" in r["response"]
+              and not r["response"].startswith("<think>I will search for")]
+    assert quoted, "no SFT step quoted its evidence"
+    for record in quoted:  # the quoted sentence is in the prompt's history, so it can be copied
+        sentence = record["response"][len("<think>"):record["response"].index(" I will search for")]
+        assert sentence in record["prompt"]
+    plain = _read(tmp_path, "mid_train_plain")
+    assert any(". My answer is" in seg["text"] or ". I will search for" in seg["text"]
+               for r in plain for seg in r["segments"] if seg["role"] == "policy")

@@ -32,8 +32,8 @@ def default_eval_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
     c.env = ml_collections.ConfigDict()
-    c.env.max_turns = 8
-    c.env.topk = 3              # search: passages per query
+    c.env.max_turns = 0         # 0: the data workdir's own (DATA_DIR/stats.json "env", what its trajectories
+    c.env.topk = 0              #    were collected with), else 8 turns / 3 passages per search query
     c.env.metric = "exact_match"  # search: the episode score (success = score 1)
     c.env.timeout_s = 5.0       # python tool and math answer checks
     c.env.memory_mb = 512
@@ -69,8 +69,8 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     require(c.max_tasks >= 0, "max_tasks", "an int >= 0 (0: all)", c.max_tasks)
     for axis in ("data", "fsdp", "tensor"):
         require(c.mesh[axis] == -1 or c.mesh[axis] > 0, f"mesh.{axis}", "a positive int or -1", c.mesh[axis])
-    require(c.env.max_turns >= 1, "env.max_turns", "an int >= 1", c.env.max_turns)
-    require(c.env.topk >= 1, "env.topk", "an int >= 1", c.env.topk)
+    require(c.env.max_turns >= 0, "env.max_turns", "an int >= 0 (0: the data workdir's)", c.env.max_turns)
+    require(c.env.topk >= 0, "env.topk", "an int >= 0 (0: the data workdir's)", c.env.topk)
     require(c.env.metric in QA_METRICS, "env.metric", f"one of {sorted(QA_METRICS)}", c.env.metric)
     require(c.env.timeout_s > 0, "env.timeout_s", "a number > 0", c.env.timeout_s)
     require(c.env.memory_mb > 0, "env.memory_mb", "an int > 0", c.env.memory_mb)

@@ -79,20 +79,40 @@ def resolve_tokenizer(configured: str, checkpoint_path: str, meta: Mapping[str, 
     raise FileNotFoundError(f"no tokenizer for {checkpoint_path}: tried {tried}; set --config.tokenizer=PATH")
 
 
+DEFAULT_MAX_TURNS, DEFAULT_TOPK = 8, 3
+
+
+def turns_and_topk(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """env.max_turns and env.topk, each 0 replaced by the data workdir's own (the "env" of DATA_DIR/stats.json,
+    which `fwm data` writes: what its trajectories were collected with), else DEFAULT_MAX_TURNS / DEFAULT_TOPK."""
+    recorded: dict[str, Any] = {}
+    stats_path = os.path.join(config.data_dir, "stats.json") if config.data_dir else ""
+    if stats_path and os.path.exists(stats_path):
+        with open(stats_path) as f:
+            try:
+                recorded = json.load(f).get("env") or {}
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"config key 'data_dir': {stats_path} is not valid JSON ({e})") from e
+    return (int(config.env.max_turns or recorded.get("max_turns") or DEFAULT_MAX_TURNS),
+            int(config.env.topk or recorded.get("topk") or DEFAULT_TOPK))
+
+
 def env_spec(config: ml_collections.ConfigDict) -> tuple[EnvSpec, Retriever | None]:
     """The env and, for search over a server, its retriever. With env.retriever_url: search over that
     Search-R1 server; else the data workdir's world (search over world/bm25 if it exists, else the python
-    tool); without a data workdir, the tool the task format implies (search_r1: search, else python)."""
+    tool); without a data workdir, the tool the task format implies (search_r1: search, else python).
+    Turns and passages per search: turns_and_topk."""
     e = config.env
-    python = EnvSpec("python", max_turns=e.max_turns, timeout_s=e.timeout_s, memory_mb=e.memory_mb,
+    max_turns, topk = turns_and_topk(config)
+    python = EnvSpec("python", max_turns=max_turns, timeout_s=e.timeout_s, memory_mb=e.memory_mb,
                      isolation=e.isolation)
     if e.retriever_url:  # index_dir only names the retriever here: EnvPool uses the one given
-        return (EnvSpec("search", max_turns=e.max_turns, index_dir=e.retriever_url, topk=e.topk, metric=e.metric),
+        return (EnvSpec("search", max_turns=max_turns, index_dir=e.retriever_url, topk=topk, metric=e.metric),
                 HTTPRetriever(e.retriever_url, timeout_s=e.timeout_s))
     if config.data_dir:
         index_dir = os.path.join(config.data_dir, "world", "bm25")
         if os.path.isdir(index_dir):
-            return EnvSpec("search", max_turns=e.max_turns, index_dir=index_dir, topk=e.topk, metric=e.metric), None
+            return EnvSpec("search", max_turns=max_turns, index_dir=index_dir, topk=topk, metric=e.metric), None
         if not os.path.isdir(os.path.join(config.data_dir, "world")):
             raise ConfigError(f"config key 'data_dir': {config.data_dir!r} has no world/ directory; expected a "
                               f"`fwm data` workdir")
@@ -208,7 +228,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     results: dict[str, Any] = {
         "checkpoint": os.path.abspath(checkpoint_path), "tokenizer": tokenizer_path, "tasks_file": tasks_file,
         "num_tasks": len(tasks), "model": cfg.to_dict(), "config": json.loads(config.to_json()),
-        "env": {"tool": spec.tool, "max_turns": spec.max_turns}, "score_metric": score_metric,
+        "env": {"tool": spec.tool, "max_turns": spec.max_turns, "topk": spec.topk}, "score_metric": score_metric,
         "prompt": {"variant": options.variant, "budget_tokens": options.budget_tokens,
                    "max_prompt_tokens": options.max_prompt_tokens},
         "sampling": s.to_dict(), "constant_answer": constant_answers(tasks, config.env.metric, metrics.source_label),

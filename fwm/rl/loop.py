@@ -98,8 +98,11 @@ def rl_iteration(state: TrainState, tasks: Sequence[Task], iteration: int, *, co
     slots = episode_slots(tasks, int(rl.group_size), seed, tag=f"rl/{iteration}")
     policy = ModelPolicy(model_cfg, state.params, max_new_tokens=int(rl.max_new_tokens), stop_ids=(tokenizer.eos_id,),
                          temperature=float(rl.temperature), mesh=mesh)
+    started = time.perf_counter()
     episodes = run_episodes(slots, policy, pool, tokenizer, options)
+    rolled_out = time.perf_counter()
     rewards, advantages = rollout_data.rollout_advantages(episodes, rl)
+    rewarded = time.perf_counter()
     samples = rollout_data.step_samples(episodes, advantages)
     # Rows: a multiple of the data-parallel size (each replica gets whole rows) times the micro-batches.
     row_multiple = int(mesh.shape["data"] * mesh.shape["fsdp"] * config.optim.micro_batches)
@@ -127,7 +130,11 @@ def rl_iteration(state: TrainState, tasks: Sequence[Task], iteration: int, *, co
     record.update(step_samples=float(len(samples)), mini_batches=float(len(placed)),
                   sampler_logprob_gap=float(np.mean(jax.device_get(gaps))) if gaps else 0.0)
     if history:
-        record.update(_mean_metrics(history))
+        record.update(_mean_metrics(history))  # fetches the step metrics, so the updates have finished here
+    # Seconds per phase: rollout (sampling + envs), reward (rewards and advantages), update (scoring the
+    # mini-batches with the policy and the reference, then the optimiser steps).
+    record.update(time_rollout_s=rolled_out - started, time_reward_s=rewarded - rolled_out,
+                  time_update_s=time.perf_counter() - rewarded)
     return state, record
 
 

@@ -134,12 +134,15 @@ class ScriptedPolicy:
 
     behaviour: BehaviourPolicy
     tokenizer: Any
+    think: str = "action"  # think_text style, as the corpora's `corpora.think`
 
     def __call__(self, requests: Sequence[StepRequest]) -> list[Sample]:
         out = []
         for request in requests:
             action = self.behaviour(request.task, request.history, request.rng)
-            text = schema.render_response(schema.StepResponse(think=think_text(action), action=action), schema.PLAIN)
+            think = think_text(action, [observation for _, observation in request.history], self.think)
+            text = schema.render_response(schema.StepResponse(think=schema.neutralize_tags(think), action=action),
+                                          schema.PLAIN)
             out.append(Sample(tokens=list(self.tokenizer.encode(text)) + [self.tokenizer.eos_id], logprobs=None,
                               sampling_logprobs=None, stopped=True))
         return out

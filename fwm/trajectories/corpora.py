@@ -25,8 +25,9 @@ oldest steps of the history to meet it (never the question). Samples whose histo
 that exceed sft_max_tokens even without history (sft_example would then cut the prompt from the left),
 are counted in the manifest. Only trajectories with a block at every step are used, so the three
 variants hold the same steps.
-The `<think>` text is a fixed sentence derived from the action alone (the behaviour policies do not
-reason in words); it says nothing the action does not.
+The `<think>` text is a fixed sentence derived from the action (`think_text`; the behaviour policies do
+not reason in words), with `corpora.think=evidence` preceded by the earlier observation's sentence that
+names the action's argument; it says nothing the action and the observations do not.
 
 Trajectories whose records hold a malformed (None) or unknown action are skipped and counted. Every
 corpus is split by trajectory into NAME.jsonl and NAME_eval.jsonl (`eval_fraction`, seeded).
@@ -36,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -47,6 +49,7 @@ from fwm.schema import (ANSWER, OBSERVATION_TAG_FOR_ACTION, VARIANTS, Action, St
                         neutralize_tags, render_action, render_observation, render_prompt,
                         render_response, render_world_model)
 from fwm.trajectories.collect import derive_seed, succeeded
+from fwm.trajectories.future import contains_term
 
 IWM_TRAINED_ROLES = ("observation",)
 Segment = tuple[str, str]
@@ -89,25 +92,68 @@ def renderable(row: Mapping[str, Any]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- text
-def think_text(action: Action) -> str:
-    """The policy's stated reasoning for an action (derived from the action alone)."""
+THINK_STYLES = ("action", "evidence")
+_DOC_PREFIX_RE = re.compile(r"^\s*Doc \d+\s*\(Title:[^)]*\)\s*")
+_SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+|\n+")
+MAX_EVIDENCE_CHARS = 300  # a longer sentence is not quoted (the think would crowd out the history)
+
+
+def evidence_sentence(argument: str, observations: Sequence[str]) -> str | None:
+    """The sentence that an action's argument was read from: in the latest of `observations` that names
+    `argument` (normalised, at word boundaries: fwm.trajectories.future.contains_term), its first sentence
+    naming it, without a passage's "Doc N(Title: ...)" prefix. None when no earlier observation names it
+    (e.g. a first search, whose argument comes from the question) or the sentence is longer than
+    MAX_EVIDENCE_CHARS."""
+    for observation in reversed(observations):
+        if not contains_term(observation, argument):
+            continue
+        for sentence in _SENTENCE_END_RE.split(observation):
+            sentence = _DOC_PREFIX_RE.sub("", sentence).strip()
+            if sentence and contains_term(sentence, argument):
+                return sentence if len(sentence) <= MAX_EVIDENCE_CHARS else None
+        return None
+    return None
+
+
+def think_text(action: Action, observations: Sequence[str] = (), style: str = "action") -> str:
+    """The policy's stated reasoning for an action; the behaviour policies do not reason in words, so it
+    says nothing the action and the earlier observations do not.
+
+    style "action": derived from the action alone ("I will search for X." / "My answer is X.").
+    style "evidence": the action's `evidence_sentence` from the earlier `observations`, quoted first, then
+      the action's sentence ("Dugegi exports mostly to Saroara. I will search for Saroara."); the action's
+      sentence alone when no earlier observation names the argument. Quoting turns reading into copying: to
+      write the sentence the model restates the relation the question asks for, and the name that follows
+      it in the observation is then copied (an induction pattern a small model learns), instead of being
+      retrieved in one token from the relation's meaning.
+    """
+    if style not in THINK_STYLES:
+        raise ValueError(f"think style must be one of {THINK_STYLES}, got {style!r}")
     if action.kind == "search":
-        return f"I will search for {action.argument}."
-    if action.kind == "python":
-        return "I will compute this step with python."
-    return f"My answer is {action.argument}."
+        said = f"I will search for {action.argument}."
+    elif action.kind == "python":
+        said = "I will compute this step with python."
+    else:
+        said = f"My answer is {action.argument}."
+    if style == "evidence" and action.kind != "python":
+        evidence = evidence_sentence(action.argument, observations)
+        if evidence is not None:
+            return f"{evidence} {said}"
+    return said
 
 
 def question_text(question: str) -> str:
     return f"Question: {neutralize_tags(question)}\n"
 
 
-def step_segments(action: Action, observation: str, block: WorldModelBlock | None = None) -> list[Segment]:
-    """One step as LM segments: [world_model], policy, action, [observation]."""
+def step_segments(action: Action, observation: str, block: WorldModelBlock | None = None,
+                  earlier: Sequence[str] = (), think: str = "action") -> list[Segment]:
+    """One step as LM segments: [world_model], policy, action, [observation]; `earlier` are the step's earlier
+    observations and `think` the think_text style."""
     segments: list[Segment] = []
     if block is not None:
         segments.append(("world_model", render_world_model(block, with_confidence=True)))
-    segments.append(("policy", f"<think>{neutralize_tags(think_text(action))}</think>"))
+    segments.append(("policy", f"<think>{neutralize_tags(think_text(action, earlier, think))}</think>"))
     segments.append(("action", render_action(action)))
     if action.kind != ANSWER:
         segments.append(("observation", "\n" + render_observation(action.kind, observation) + "\n"))
@@ -125,20 +171,21 @@ def lm_record(record_id: str, segments: Iterable[Segment], trained_roles: Sequen
             "trained_roles": list(trained_roles)}
 
 
-def trajectory_lm_record(row: Mapping[str, Any], blocks: Mapping[int, WorldModelBlock]) -> dict[str, Any]:
+def trajectory_lm_record(row: Mapping[str, Any], blocks: Mapping[int, WorldModelBlock],
+                         think: str = "action") -> dict[str, Any]:
     """The whole trajectory as one LM record; `blocks` (step -> block) are inserted before their steps."""
     segments = [("prompt", question_text(row["task"]["question"]))]
     for step, (action, observation) in enumerate(zip(_actions(row), row["observations"])):
-        segments += step_segments(action, observation, blocks.get(step))
+        segments += step_segments(action, observation, blocks.get(step), row["observations"][:step], think)
     return lm_record(row["id"], segments, DEFAULT_TRAINED_ROLES)
 
 
-def iwm_lm_records(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+def iwm_lm_records(row: Mapping[str, Any], think: str = "action") -> list[dict[str, Any]]:
     """One record per tool step: state s_t (prompt) -> think (policy) -> a_t (action) -> o_t (observation)."""
     records = []
     state = question_text(row["task"]["question"])
     for step, (action, observation) in enumerate(zip(_actions(row), row["observations"])):
-        segments = step_segments(action, observation)
+        segments = step_segments(action, observation, None, row["observations"][:step], think)
         if segments[-1][0] == "observation":
             records.append(lm_record(f"{row['id']}/{step}", [("prompt", state), *segments], IWM_TRAINED_ROLES))
         state += "".join(text for _, text in segments)
@@ -158,14 +205,15 @@ class SFTSample:
 
 
 def sft_step_records(row: Mapping[str, Any], blocks: Mapping[int, WorldModelBlock], variant: str,
-                     count_tokens: Callable[[str], int], max_tokens: int) -> list[SFTSample]:
+                     count_tokens: Callable[[str], int], max_tokens: int, think: str = "action") -> list[SFTSample]:
     """One SFT sample per step of a trajectory in `variant` (state and full need a block at every step), each
     fitted to `max_tokens` (module docstring): the prompt may use what BOS, the response and EOS leave."""
     samples = []
     history: list[tuple[str, str]] = []
     question = row["task"]["question"]
     for step, (action, observation) in enumerate(zip(_actions(row), row["observations"])):
-        response = render_response(StepResponse(think=think_text(action), action=action,
+        response = render_response(StepResponse(think=neutralize_tags(think_text(action, row["observations"][:step], think)),
+                                                action=action,
                                                 world_model=blocks.get(step)), variant)
         prompt_budget = max_tokens - SPECIAL_TOKENS_PER_SAMPLE - count_tokens(response)
         prompt = render_prompt(question, history, count_tokens, prompt_budget, variant=variant)
@@ -228,19 +276,19 @@ def lm_text(record: Mapping[str, Any]) -> str:
 
 def tokenizer_texts(mid_train_rows: Sequence[Mapping[str, Any]], sft_rows: Sequence[Mapping[str, Any]],
                     blocks: Mapping[tuple[str, int], WorldModelBlock],
-                    lm_records: Sequence[Mapping[str, Any]] = ()) -> list[str]:
+                    lm_records: Sequence[Mapping[str, Any]] = (), think: str = "action") -> list[str]:
     """The text of every corpus, for training the world's tokenizer before the corpora are cut to token
     budgets: the WM-AMT trajectories (which hold the plain and IWM text too), every SFT variant's prompt
     with the whole history and its response, and `lm_records` (the pretraining documents)."""
     texts = [lm_text(record) for record in lm_records]
     for row in mid_train_rows:
         if renderable(row):
-            texts.append(lm_text(trajectory_lm_record(row, blocks_of(row, blocks))))
+            texts.append(lm_text(trajectory_lm_record(row, blocks_of(row, blocks), think)))
     for row in sft_rows:
         if renderable(row) and len(blocks_of(row, blocks)) == len(row["actions"]):
             for variant in VARIANTS:  # an unlimited budget keeps the whole history
                 texts += [sample.record["prompt"] + sample.record["response"]
-                          for sample in sft_step_records(row, blocks_of(row, blocks), variant, len, 1 << 62)]
+                          for sample in sft_step_records(row, blocks_of(row, blocks), variant, len, 1 << 62, think)]
     return texts
 
 
@@ -291,12 +339,13 @@ def _count_lm(record: Mapping[str, Any], count: Callable[[str], int]) -> tuple[i
 class CorpusOptions:
     """How the corpora are cut: the seed (eval split), eval_fraction, the SFT sample budget in tokens
     (sft_max_tokens: BOS + prompt + response + EOS, the SFT training seq_len) and the tokenizer that counts
-    them (a path; '' counts whitespace words)."""
+    them (a path; '' counts whitespace words); think: the think_text style of every policy segment."""
 
     seed: int = 0
     eval_fraction: float = 0.05
     sft_max_tokens: int = 1024
     tokenizer_path: str = ""
+    think: str = "action"
 
 
 def build_corpora(directory: str, mid_train_rows: Sequence[Mapping[str, Any]], sft_rows: Sequence[Mapping[str, Any]],
@@ -323,16 +372,17 @@ def build_corpora(directory: str, mid_train_rows: Sequence[Mapping[str, Any]], s
     corpora: dict[str, tuple[str, dict[str, Any], Callable[[Mapping[str, Any]], list[Any]],
                              Sequence[Mapping[str, Any]]]] = {
         "mid_train_plain": ("lm", {"trained_roles": list(DEFAULT_TRAINED_ROLES)},
-                            lambda row: [trajectory_lm_record(row, {})], mid_train_rows),
+                            lambda row: [trajectory_lm_record(row, {}, options.think)], mid_train_rows),
         "mid_train_wm": ("lm", {"trained_roles": list(DEFAULT_TRAINED_ROLES)},
-                         lambda row: [trajectory_lm_record(row, blocks_of(row, blocks))], mid_train_rows),
-        "iwm": ("lm", {"trained_roles": list(IWM_TRAINED_ROLES)}, iwm_lm_records, mid_train_rows),
+                         lambda row: [trajectory_lm_record(row, blocks_of(row, blocks), options.think)], mid_train_rows),
+        "iwm": ("lm", {"trained_roles": list(IWM_TRAINED_ROLES)},
+                lambda row: iwm_lm_records(row, options.think), mid_train_rows),
     }
     for variant in VARIANTS:
         corpora[f"sft_{variant}"] = (
             "sft", {"variant": variant},
             lambda row, variant=variant: sft_step_records(row, blocks_of(row, blocks), variant, count,
-                                                          options.sft_max_tokens),
+                                                          options.sft_max_tokens, options.think),
             sft_ready)
     for name, (stage, records) in (extra_files or {}).items():
         extra = {"trained_roles": list(DEFAULT_TRAINED_ROLES)} if stage == "lm" else {}

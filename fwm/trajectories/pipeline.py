@@ -135,6 +135,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.corpora.sft_max_tokens = 1024            # SFT sample budget in tokenizer tokens (BOS + prompt + response + EOS):
                                                # the SFT seq_len; the history is cut to fit, cuts are counted
     c.corpora.pretrain_phrasings = 8           # search world: each document + 7 paraphrases of its facts
+    c.corpora.think = "action"                 # think_text style: "action" (the action alone) | "evidence" (quote
+    #                                            the earlier observation's sentence naming the argument first)
     c.corpora.pretrain_eval_documents = True   # False: `pretrain` leaves out the documents of the eval questions'
                                                # hops (a fresh-entity world, where they are those questions' own)
 
@@ -215,6 +217,8 @@ def validate_data_config(config: ml_collections.ConfigDict) -> ml_collections.Co
              c.corpora.eval_fraction)
     _require(c.corpora.sft_max_tokens >= 64, "corpora.sft_max_tokens", "an int >= 64 (tokens per SFT sample)",
              c.corpora.sft_max_tokens)
+    _require(c.corpora.think in corpora_lib.THINK_STYLES, "corpora.think", f"one of {corpora_lib.THINK_STYLES}",
+             c.corpora.think)
     _require(c.corpora.pretrain_phrasings >= 1, "corpora.pretrain_phrasings", "an int >= 1 (1: the documents alone)",
              c.corpora.pretrain_phrasings)
     _require(not c.tokenizer.path or os.path.exists(c.tokenizer.path), "tokenizer.path",
@@ -504,7 +508,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         if world.documents else []
     tokenizer_path = os.path.abspath(c.tokenizer.path) if c.tokenizer.path else os.path.join(workdir, "tokenizer.model")
     tokenizer_fp = _fingerprint("tokenizer", blocks_fp, c.tokenizer.to_dict(), c.corpora.pretrain_phrasings,
-                                c.corpora.pretrain_eval_documents, c.seed,
+                                c.corpora.pretrain_eval_documents, c.corpora.think, c.seed,
                                 _file_digest(c.tokenizer.path))
 
     def run_tokenizer() -> tuple[dict[str, Any], list[str]]:
@@ -512,7 +516,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             tokenizer = load_tokenizer(tokenizer_path)
             return {"path": tokenizer_path, "trained": False, "vocab_size": tokenizer.vocab_size}, []
         block_map = _block_map(blocks_dir)
-        texts = corpora_lib.tokenizer_texts(mid_rows, sft_rows, block_map, pretrain)
+        texts = corpora_lib.tokenizer_texts(mid_rows, sft_rows, block_map, pretrain, c.corpora.think)
         if len(texts) > c.tokenizer.max_texts:
             keep = np.random.default_rng(collect_lib.derive_seed(c.seed, "tokenizer")).permutation(len(texts))
             texts = [texts[i] for i in sorted(keep[:c.tokenizer.max_texts])]
@@ -538,7 +542,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         if pretrain:
             extra["pretrain"] = ("lm", pretrain)
         options = corpora_lib.CorpusOptions(seed=c.seed, eval_fraction=c.corpora.eval_fraction,
-                                            sft_max_tokens=c.corpora.sft_max_tokens, tokenizer_path=tokenizer_path)
+                                            sft_max_tokens=c.corpora.sft_max_tokens, tokenizer_path=tokenizer_path,
+                                            think=c.corpora.think)
         summary = corpora_lib.build_corpora(corpora_dir, mid_rows, sft_rows, block_map, options, extra)
         outputs = ["manifest.json"] + [entry["path"] for entry in summary["corpora"].values()]
         outputs += [entry["eval_path"] for entry in summary["corpora"].values() if "eval_path" in entry]
@@ -547,7 +552,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     results["corpora"], skipped = _Stage("corpora", corpora_dir, corpora_fp).execute(run_corpora)
     stages["corpora"] = "skipped" if skipped else "ran"
 
-    stats = {"workdir": workdir, "stages": stages, **results}
+    # env: the settings the trajectories were collected with, so `fwm eval` on this workdir acts in the same env
+    stats = {"workdir": workdir, "stages": stages, "env": c.env.to_dict(), **results}
     write_json(os.path.join(workdir, "stats.json"), stats)
     return stats
 
