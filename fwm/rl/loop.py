@@ -45,7 +45,7 @@ from absl import logging
 from fwm.config import ConfigError, validate
 from fwm.data.pipelines import rl_pipeline
 from fwm.envs.base import Task
-from fwm.mesh import make_mesh, place_batch
+from fwm.mesh import initialize_distributed, make_mesh, place_batch
 from fwm.model import transformer
 from fwm.rl import rollout_data
 from fwm.rl.losses import REF_KEY
@@ -144,6 +144,7 @@ def _reference_params(config: ml_collections.ConfigDict, model_cfg: transformer.
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Trains FC-RL in config.train.workdir until state.step reaches config.train.steps."""
     validate(config)
+    initialize_distributed(bool(config.train.distributed))  # before any device is touched
     rl, workdir = config.rl, config.train.workdir
     if not workdir:
         raise ConfigError("config key 'train.workdir' is empty; pass --workdir DIR")
@@ -165,8 +166,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if start is not None:
         meta = checkpoints.restore_meta(manager, start)
         model_cfg = transformer.ModelConfig.from_dict(meta["model_config"])
-        state = checkpoints.restore(manager, start, abstract_state(model_cfg, tx, mesh), tasks)
         iteration = int(meta["iteration"])
+        state = checkpoints.restore(manager, start, abstract_state(model_cfg, tx, mesh), tasks, iteration)
         warn_config_changes(meta.get("config", {}), json.loads(config.to_json()))
         logging.info("resumed rl from %s/%d (iteration %d)", checkpoints.checkpoint_root(workdir), start, iteration)
     else:

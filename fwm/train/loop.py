@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from fwm.config import ConfigError, validate
-from fwm.mesh import make_mesh, place_batch
+from fwm.mesh import initialize_distributed, make_mesh, place_batch
 from fwm.model import transformer
 from fwm.train import checkpoints, inputs
 from fwm.train.inputs import TokenizerMismatchError
@@ -114,6 +114,7 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     train.epochs) or a stop signal. Everything is checked before anything is written: the config, the
     manifest, init.source, the batch split over the mesh, the tokenizer against the parameters'."""
     validate(config)
+    initialize_distributed(bool(config.train.distributed))  # before any device is touched
     config = validate(inputs.resolve_config(config))
     workdir = config.train.workdir
     if not workdir:
@@ -154,7 +155,7 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
         if tokenizer.vocab_size > model_cfg.vocab_size:
             raise TokenizerMismatchError(f"{tok_path} has {tokenizer.vocab_size} ids but the checkpoint's model only "
                                          f"{model_cfg.vocab_size}: the tokenizer changed since step {start}")
-        state = checkpoints.restore(manager, start, abstract_state(model_cfg, tx, mesh), train_iter)
+        state = checkpoints.restore(manager, start, abstract_state(model_cfg, tx, mesh), train_iter, start)
         logging.info("resumed %s from %s/%d", stage, root, start)
     else:
         start = 0
