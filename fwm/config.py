@@ -167,6 +167,7 @@ def default_config() -> ml_collections.ConfigDict:
     # The environment (tasks come from data.train_files: RL task records, e.g. fwm data's rl_tasks.jsonl).
     c.rl.tool = "search"                       # search | python
     c.rl.index_dir = ""                        # search: a BM25 index directory (fwm data: WORKDIR/world/bm25)
+    c.rl.retriever_url = ""                    # search: a Search-R1 server (POST /retrieve) instead of index_dir
     c.rl.topk = 3                              # search: passages per query
     c.rl.env_metric = "exact_match"            # search: the env's score (exact_match | f1 | substring_match)
     c.rl.timeout_s = 5.0                       # python tool and math answer checks

@@ -35,7 +35,7 @@ from absl import logging
 from fwm.config import ConfigError, validate
 from fwm.mesh import initialize_distributed, make_mesh, place_batch
 from fwm.model import transformer
-from fwm.train import checkpoints, inputs
+from fwm.train import checkpoints, inputs, memory
 from fwm.train.inputs import TokenizerMismatchError
 from fwm.train.losses import BATCH_KEYS
 from fwm.train.metrics import MetricsWriter, Throughput, peak_flops_per_device, truncate_jsonl
@@ -223,7 +223,12 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
                 logging.info("%s already finished: checkpoint step %d >= train.steps %d", stage, start, total_steps)
             while step < total_steps:
                 batch = next(train_iter)
-                state, device_metrics = train_step(state, place_batch(mesh, {k: batch[k] for k in keys}))
+                placed = place_batch(mesh, {k: batch[k] for k in keys})
+                if step == start:  # compiled ahead to report its memory; the call below reuses the executable
+                    logging.info("%s", memory.format_line(
+                        {**memory.state_bytes(state), **memory.compiled_bytes(train_step.lower(state, placed).compile())},
+                        dict(mesh.shape), memory.device_memory_bytes(jax.local_devices()[0])))
+                state, device_metrics = train_step(state, placed)
                 counts = ((int(batch["samples_B"].sum()), int(batch["truncated_B"].sum())) if "samples_B" in batch
                           else (0, 0))
                 step += 1
