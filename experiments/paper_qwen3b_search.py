@@ -8,7 +8,7 @@ or one 8-GPU host.
   (on a pod: launch/tpu_vm.sh run --config experiments/paper_qwen3b_search.py:mid_train,v5e_64 ...)
 Evaluation on the seven Search-R1 test sets (EVAL_SETS: NQ, TriviaQA, PopQA, HotpotQA, 2Wiki, MuSiQue,
 Bamboogle), one `fwm eval` each:
-  fwm eval --config experiments/eval.py --config.checkpoint=gs://B/q3b/fc_rl --config.tasks_format=search_r1 \\
+  fwm eval --config experiments/eval.py --config.checkpoint=$RUNS/fc_rl --config.tasks_format=search_r1 \\
       --config.tasks_file=DATA/search_r1/nq/test.parquet --config.env.retriever_url=RETRIEVER --workdir OUT/nq
 
 Variants (comma-separated): one stage -- mid_train (WM-AMT; the control arm is the same command on the
@@ -39,18 +39,19 @@ float32), bfloat16 compute, remat 'full', train.loss_chunk_size 512, seq_len S =
                         + float32 attention scores/probs 16 heads * S^2 * 4 B * 2 = 2.000 GiB
     logits, chunked     3 * 512 * V * 4 B (+ hidden S*D*2 B)                    = 0.885 GiB
                         (unchunked: 3 * S * V * 4 B = 6.96 GiB per row)
-    = 3.77 GiB per row; plus one layer's weights gathered over fsdp in bf16, fwd + bwd: 0.287 GiB
+    = 3.77 GiB per row (over half of it the S x S attention scores: fwm's attention is plain XLA, no
+    flash/splash kernel); plus one layer's weights gathered over fsdp in bf16, fwd + bwd: 0.287 GiB
   mid_train (global batch 256 x 4096 = 1.05M tokens per step) and sft (batch 64):
     v4_32  (16 chips x 32 GiB, mesh fsdp 16): mid 256/16 = 16 rows, 4 micro-batches of r = 4:
            3.59 + 0.287 + 4*3.77 = 18.9 GiB;  sft 64/16 = 4 rows, r = 4, 1 micro: 3.59 - 0.72 + 0.287 + 15.1 = 18.2
     v5e_64 (64 chips x 16 GiB, mesh data 4 x fsdp 16): mid 256/64 = 4 rows, 2 micro of r = 2:
            3.59 + 0.287 + 2*3.77 = 11.4 GiB;  sft 64/64 = 1 row: 2.87 + 0.287 + 3.77 = 6.9
     v5e_8  (8 chips x 16 GiB, fsdp 8): r = 1: 7.19 + 0.287 + 3.77 = 11.2 GiB (mid: 32 micro-batches)
-    gpu8   (8 x H100 80 GiB, fsdp 8): mid 256/8 = 32 rows, 4 micro of r = 8: 7.19 + 0.287 + 8*3.77 = 37.6 GiB
+    gpu8   (8 x H100 80 GB = 74.5 GiB, fsdp 8): mid 256/8 = 32 rows, 4 micro of r = 8: 7.19 + 0.287 + 8*3.77 = 37.6 GiB
   rl (update on one host, fsdp 8; + the frozen reference for the KL, 1.437 GiB; rows padded to S at most):
     v5e_8  r = 1: 7.19 + 1.44 + 0.287 + 3.77 = 12.7 GiB of 16. Sampling (not at the same time): params and
            moments 4.31 + reference 1.44 + KV cache 36*2*S*2*128*2 B = 144 MiB per episode x 80/8 = 1.41 = 7.2
-    gpu8   r = 8: 7.19 + 1.44 + 0.287 + 30.1 = 39.0 GiB of 80; sampling: 4.31 + 1.44 + 144 MiB x 640/8 = 17.0
+    gpu8   r = 8: 7.19 + 1.44 + 0.287 + 30.1 = 39.0 GiB of 74.5; sampling: 4.31 + 1.44 + 144 MiB x 640/8 = 17.0
 Why these meshes: fsdp (ZeRO-3) over 16 chips keeps the state at 3.6 GiB; v5e-64 adds data 4 over it so
 each all-gather stays inside a 16-chip group; tensor 1 because a 3B model's matmuls are too small to split.
 """
@@ -73,7 +74,7 @@ HARDWARE = {
     "v4_32": dict(mesh=dict(data=1, fsdp=16, tensor=1), rows=4, hbm_gib=32, hosts=4),
     "v5e_64": dict(mesh=dict(data=4, fsdp=16, tensor=1), rows=2, hbm_gib=16, hosts=16),
     "v5e_8": dict(mesh=dict(data=1, fsdp=8, tensor=1), rows=1, hbm_gib=16, hosts=1),
-    "gpu8": dict(mesh=dict(data=1, fsdp=8, tensor=1), rows=8, hbm_gib=80, hosts=1),
+    "gpu8": dict(mesh=dict(data=1, fsdp=8, tensor=1), rows=8, hbm_gib=74.5, hosts=1),  # H100 80 GB
 }
 STAGES = ("mid_train", "sft", "rl")
 SEQ_LEN = 4096

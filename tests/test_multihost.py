@@ -22,6 +22,7 @@ import pytest
 
 from fwm import tokenizer as tokenizer_lib
 from fwm.files import read_jsonl
+from fwm.mesh import distributed_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TEXTS = os.path.join(REPO, "experiments", "data", "tiny", "lm_train.jsonl")
@@ -102,16 +103,18 @@ def _start(config, workdir, env_list, *overrides):
             for env in env_list]
 
 
-def _wait(procs):
-    """The outputs of `procs`, each checked to have exited with 0."""
+def _wait(procs, timeout=400):
+    """The outputs of `procs`, each checked to have exited with 0; on a timeout all are killed and their
+    output is shown (a hang in a collective shows where each process was)."""
     outputs = []
     try:
         for proc in procs:
-            outputs.append(proc.communicate(timeout=240)[0])
-    finally:
+            outputs.append(proc.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+            proc.kill()
+        tails = [proc.communicate()[0][-3000:] for proc in procs]
+        pytest.fail(f"fwm train did not finish within {timeout} s:\n" + "\n-----\n".join(tails))
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-4000:]
     return outputs
@@ -151,3 +154,18 @@ def test_two_processes_match_one_and_their_checkpoint_restores_in_one(experiment
     assert sorted(resumed) == [1, 2, 3, 4]
     for key in ("loss", "grad_norm", "param_norm", "eval_loss"):
         np.testing.assert_allclose(resumed[4][key], one_metrics[4][key], rtol=2e-5, err_msg=f"step 4 {key}")
+
+
+def test_distributed_args_from_config_and_environment():
+    assert distributed_args(False, {}) is None  # a single-process run: jax.distributed never starts
+    assert distributed_args(False, {"FWM_DISTRIBUTED": "0"}) is None
+    # TPU VMs: jax finds the coordinator and the process count and index itself.
+    assert distributed_args(True, {}) == {"coordinator_address": None, "num_processes": None, "process_id": None}
+    env = {"FWM_DISTRIBUTED": "1", "FWM_COORDINATOR": "10.0.0.2:1234", "FWM_NUM_PROCESSES": "4",
+           "FWM_PROCESS_ID": "3"}
+    assert distributed_args(False, env) == {"coordinator_address": "10.0.0.2:1234", "num_processes": 4,
+                                            "process_id": 3}
+    with pytest.raises(ValueError, match="FWM_DISTRIBUTED='yes'"):
+        distributed_args(False, {"FWM_DISTRIBUTED": "yes"})
+    with pytest.raises(ValueError, match="FWM_PROCESS_ID='-1'"):
+        distributed_args(True, {"FWM_PROCESS_ID": "-1"})

@@ -87,11 +87,8 @@ def make_rl_step(config: ml_collections.ConfigDict, model_cfg: transformer.Model
         with jax.set_mesh(mesh):
             if shapes not in reported:  # compiled ahead once per shape to log its memory (the call reuses it)
                 reported.add(shapes)
-                parts = {**memory.state_bytes(state), **memory.compiled_bytes(
-                    compiled(shapes).lower(state, batch).compile())}
                 logging.info("rl_step on a %d x %d batch: %s", *batch["tokens_BxL"].shape,
-                             memory.format_line(parts, dict(mesh.shape),
-                                                memory.device_memory_bytes(jax.local_devices()[0])))
+                             memory.step_line(state, compiled(shapes).lower(state, batch).compile(), mesh))
             return compiled(shapes)(state, batch)
 
     return rl_step

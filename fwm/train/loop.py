@@ -225,9 +225,7 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
                 batch = next(train_iter)
                 placed = place_batch(mesh, {k: batch[k] for k in keys})
                 if step == start:  # compiled ahead to report its memory; the call below reuses the executable
-                    logging.info("%s", memory.format_line(
-                        {**memory.state_bytes(state), **memory.compiled_bytes(train_step.lower(state, placed).compile())},
-                        dict(mesh.shape), memory.device_memory_bytes(jax.local_devices()[0])))
+                    logging.info("%s", memory.step_line(state, train_step.lower(state, placed).compile(), mesh))
                 state, device_metrics = train_step(state, placed)
                 counts = ((int(batch["samples_B"].sum()), int(batch["truncated_B"].sum())) if "samples_B" in batch
                           else (0, 0))

@@ -7,8 +7,8 @@ estimate from the config alone (for sizing a run before any accelerator exists: 
 - `estimate`: the same breakdown from (model config, mesh shape, batch) by arithmetic -- the state's
   shards exactly (fwm.mesh's rules on abstract shapes), activations by a per-layer count (module
   `estimate`'s docstring); it is what the paper configs' docstrings write out by hand.
-The supervised loop logs `format_line` of the compiled step at start-up; the RL loop (whose batch shapes
-vary by rollout) logs the state and the estimate.
+The supervised loop logs `step_line` of its compiled step at start-up; the RL step logs it for each new
+batch shape it compiles.
 """
 from __future__ import annotations
 
@@ -128,3 +128,10 @@ def format_line(parts: Mapping[str, float], mesh_shape: Mapping[str, int], capac
     shown = ", ".join(f"{k} {v / GIB:.3g} GiB" for k, v in details)
     of = f" of {capacity / GIB:.1f} GiB" if capacity else ""
     return f"memory per device on mesh {mesh}: {shown}; {total_key} {total / GIB:.3g} GiB{of}"
+
+
+def step_line(state: Any, compiled: Any, mesh: Any) -> str:
+    """The start-up line of a compiled step: the state's params and optimiser bytes per device, the compiled
+    step's arguments / outputs / temporaries and its peak, against the device's capacity where known."""
+    parts = {**state_bytes(state), **compiled_bytes(compiled)}
+    return format_line(parts, dict(mesh.shape), device_memory_bytes(jax.local_devices()[0]))
