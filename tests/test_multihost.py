@@ -103,7 +103,7 @@ def _start(config, workdir, env_list, *overrides):
             for env in env_list]
 
 
-def _wait(procs, timeout=400):
+def _wait(procs, timeout=900):
     """The outputs of `procs`, each checked to have exited with 0; on a timeout all are killed and their
     output is shown (a hang in a collective shows where each process was)."""
     outputs = []
