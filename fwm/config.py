@@ -52,6 +52,10 @@ def default_config() -> ml_collections.ConfigDict:
     # tokenizer's size). With a checkpoint its own shapes win; the numerics below still apply.
     c.model = ml_collections.ConfigDict(dataclasses.asdict(ModelConfig()))
     c.model.vocab_size = 0
+    # Numerics: training keeps float32 master weights and optimiser moments (param_dtype float32, the only
+    # value a training stage accepts: AdamW on bfloat16 parameters rounds small updates away); the matmuls
+    # run in compute_dtype (bfloat16 on TPU/GPU; float32 default for CPU-exact tests). remat_policy (none |
+    # full | dots) is set per stage, in each stage's config; it applies to loaded checkpoints too.
 
     # tokenizer.path: a SentencePiece .model or an HF tokenizer.json / directory. '' means, in order:
     # the tokenizer recorded by init.source's checkpoint (or an hf: directory's own), the manifest's
@@ -127,6 +131,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.workdir = ""                       # set by --workdir
     c.train.async_checkpoint = True
     c.train.peak_flops_per_device = 0.0        # MFU denominator; 0: the table in fwm/train/metrics.py
+    # Multi-process run (several hosts): jax.distributed.initialize() at start-up. Env FWM_DISTRIBUTED=1 does
+    # the same (launch/tpu_vm.sh sets it); FWM_COORDINATOR / FWM_NUM_PROCESSES / FWM_PROCESS_ID, where set,
+    # name the coordinator host:port, the process count and this process's index (else jax detects them).
+    c.train.distributed = False
+    # Cross-entropy in chunks of this many sequence positions (0: whole rows at once): the float32 logits
+    # of one chunk exist at a time (recomputed in the backward pass), instead of batch x seq_len x vocab.
+    # Worth it at large vocabularies (Qwen2.5: 151,936); a divisor of data.seq_len is fastest.
+    c.train.loss_chunk_size = 0
 
     # FC-RL (fwm/rl/). Rollouts: rollout_batch episodes = rollout_batch / group_size tasks x group_size.
     # In RL, train.steps counts optimiser updates (one per mini-batch) and optim.* is the optimiser.
@@ -155,6 +167,7 @@ def default_config() -> ml_collections.ConfigDict:
     # The environment (tasks come from data.train_files: RL task records, e.g. fwm data's rl_tasks.jsonl).
     c.rl.tool = "search"                       # search | python
     c.rl.index_dir = ""                        # search: a BM25 index directory (fwm data: WORKDIR/world/bm25)
+    c.rl.retriever_url = ""                    # search: a Search-R1 server (POST /retrieve) instead of index_dir
     c.rl.topk = 3                              # search: passages per query
     c.rl.env_metric = "exact_match"            # search: the env's score (exact_match | f1 | substring_match)
     c.rl.timeout_s = 5.0                       # python tool and math answer checks
@@ -184,6 +197,11 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         model_config_from(model_fields)
     except ValueError as err:
         raise ConfigError(f"config section 'model': {err}") from err
+    _require(c.model.param_dtype == "float32", "model.param_dtype",
+             "float32 for training (master weights and AdamW moments stay float32; bfloat16 parameters round small "
+             "updates away); for bfloat16 speed set model.compute_dtype='bfloat16' instead", c.model.param_dtype)
+    _require(c.train.loss_chunk_size >= 0, "train.loss_chunk_size", "an int >= 0 (0: no chunking)",
+             c.train.loss_chunk_size)
     for name in ("seq_len", "batch_size"):
         _require(c.data[name] > 0, f"data.{name}", "a positive int", c.data[name])
     _require(c.data.seq_len <= c.model.max_seq_len, "data.seq_len", f"<= model.max_seq_len={c.model.max_seq_len}",

@@ -1,18 +1,23 @@
-"""Device mesh (axes data, fsdp, tensor), the logical-axis rules, and state/batch shardings.
+"""Device mesh (axes data, fsdp, tensor), the logical-axis rules, state/batch shardings, and multi-process start-up.
 
 One table, `LOGICAL_AXIS_RULES`, maps every logical axis name used by the model and the data to
 mesh axes. Everything that places an array goes through `logical_to_sharding`, which falls back
 to replication on any dimension its mesh axes do not divide (so odd vocab sizes, batch 1 decode
 or a 5-head model still run on any mesh instead of failing in `device_put`).
+
+Multi-process (several hosts, or several processes on one machine): `initialize_distributed` joins the
+run before any device is touched; the mesh then spans every process's devices (jax.devices() is global),
+each process reads its own rows and `place_batch` assembles them into one global batch array.
 """
 from __future__ import annotations
 
-import logging
 import math
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -163,18 +168,49 @@ def place_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, 
     return out
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """Multi-host start-up: jax.distributed.initialize, a no-op for single-process runs.
+# Environment variables of a multi-process run (launch/tpu_vm.sh exports FWM_DISTRIBUTED=1 on every worker;
+# on TPU VMs, SLURM and GKE jax finds the coordinator, process count and index itself).
+DISTRIBUTED_ENV = "FWM_DISTRIBUTED"
+COORDINATOR_ENV = "FWM_COORDINATOR"          # host:port of process 0
+NUM_PROCESSES_ENV = "FWM_NUM_PROCESSES"
+PROCESS_ID_ENV = "FWM_PROCESS_ID"
 
-    On TPU VMs and SLURM/GKE the arguments are discovered automatically when left as None.
+
+def distributed_args(enabled: bool, env: Mapping[str, str]) -> dict[str, Any] | None:
+    """The keyword arguments of jax.distributed.initialize for this process, or None for a single-process run.
+
+    Multi-process when `enabled` (config key train.distributed) or env FWM_DISTRIBUTED=1. FWM_COORDINATOR,
+    FWM_NUM_PROCESSES and FWM_PROCESS_ID set what they name; unset ones are left to jax's cluster
+    auto-detection (TPU VM metadata, SLURM, ...), which fails with its own message where there is none.
     """
-    if num_processes == 1:
-        return
-    try:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    except (RuntimeError, ValueError) as err:
-        if coordinator_address is None and num_processes is None:
-            logging.info("single-process run (jax.distributed not initialised: %s)", err)
-            return
-        raise
+    flag = env.get(DISTRIBUTED_ENV, "").strip().lower()
+    if flag not in ("", "0", "1", "true", "false"):
+        raise ValueError(f"environment variable {DISTRIBUTED_ENV}={env[DISTRIBUTED_ENV]!r}; expected 1 or 0")
+    if not (enabled or flag in ("1", "true")):
+        return None
+    args: dict[str, Any] = {"coordinator_address": env.get(COORDINATOR_ENV) or None}
+    for key, name in (("num_processes", NUM_PROCESSES_ENV), ("process_id", PROCESS_ID_ENV)):
+        value = env.get(name, "").strip()
+        if value and not value.isdigit():
+            raise ValueError(f"environment variable {name}={value!r}; expected a non-negative integer")
+        args[key] = int(value) if value else None
+    return args
+
+
+def initialize_distributed(enabled: bool, env: Mapping[str, str] | None = None) -> bool:
+    """Joins the multi-process run (jax.distributed.initialize) when `distributed_args` says so; call it
+    before anything touches a jax device. Idempotent. Returns whether this is a multi-process run.
+
+    Every process but 0 then logs warnings and errors only: process 0 speaks for the run (it alone
+    writes metrics.jsonl, TensorBoard and reports; see the loops).
+    """
+    args = distributed_args(enabled, os.environ if env is None else env)
+    if args is None:
+        return False
+    if not jax.distributed.is_initialized():
+        jax.distributed.initialize(**args)
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)
+    logging.info("multi-process run: process %d of %d, %d local / %d global devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True

@@ -253,8 +253,10 @@ class Transformer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens_BxL, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, cache_kv=None, cache_start=0):
-        """Returns (logits_BxLxV float32, new per-layer cache (k, v) stacked [layers, B, S, K, Dh] or None)."""
+    def __call__(self, tokens_BxL, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, cache_kv=None, cache_start=0,
+                 head=True):
+        """Returns (logits_BxLxV float32, new per-layer cache (k, v) stacked [layers, B, S, K, Dh] or None);
+        with head=False the final-normed hidden states x_BxLxD (compute dtype) instead of the logits."""
         cfg = self.cfg
         embed = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.compute_dtype),
@@ -280,6 +282,8 @@ class Transformer(nn.Module):
         )(cfg, name="layers")
         x_BxLxD, new_cache = layers(x_BxLxD, cache_kv, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, cache_start)
         x_BxLxD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name="final_norm")(x_BxLxD)
+        if not head:
+            return x_BxLxD, new_cache
         if cfg.tie_embeddings:
             logits = embed.attend(x_BxLxD)
         else:
@@ -343,6 +347,27 @@ def forward(cfg: ModelConfig, params: dict, tokens_BxL: jax.Array, positions_BxL
         segment_ids_BxL,
     )
     return logits
+
+
+def hidden_states(cfg: ModelConfig, params: dict, tokens_BxL: jax.Array, positions_BxL: jax.Array,
+                  segment_ids_BxL: jax.Array) -> jax.Array:
+    """The final-normed hidden states x_BxLxD (compute dtype) that `forward` turns into logits with
+    `output_kernel`: for losses that compute the logits a piece at a time (fwm.train.losses)."""
+    b, l = tokens_BxL.shape
+    segment_ids_BxL = jnp.asarray(segment_ids_BxL, jnp.int32)
+    slots_BxL = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    x_BxLxD, _ = Transformer(cfg).apply(
+        {"params": params}, jnp.asarray(tokens_BxL, jnp.int32), jnp.asarray(positions_BxL, jnp.int32),
+        segment_ids_BxL, slots_BxL, segment_ids_BxL, head=False,
+    )
+    return x_BxLxD
+
+
+def output_kernel(cfg: ModelConfig, params: dict) -> jax.Array:
+    """The logit projection kernel_DxV (param dtype): the LM head's, or the embedding's transpose when tied."""
+    if cfg.tie_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
 
 
 class KVCache(NamedTuple):

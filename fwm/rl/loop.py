@@ -26,8 +26,13 @@
   anything of that iteration is written or saved (the last good checkpoint stays the newest).
 - The tokenizer must exist (tokenizer.path, else WORKDIR/tokenizer.model): the one the SFT checkpoint
   was trained with.
-Not here yet: the Search-R1 HTTP retriever (EnvPool takes one; no config key yet) and multi-host
-rollouts (every process would run its own episodes; the batch building is per process).
+- Search: a BM25 index (rl.index_dir) or a Search-R1 retrieval server (rl.retriever_url).
+Not here yet: multi-host rollouts. The loop refuses more than one process (a ConfigError at start-up):
+the sampler places host prompts as if every process held the same ones, the episode loop runs a
+per-process number of sampler calls, and the mini-batch row counts are per process. What it needs: each
+process samples its own tasks' groups (rl_pipeline already shards tasks by process) with prompts placed
+by make_array_from_process_local_data, sampler calls padded to a shape and count agreed across
+processes, rollout metrics averaged over processes, and mini-batch rows padded to the largest process's.
 """
 from __future__ import annotations
 
@@ -45,7 +50,8 @@ from absl import logging
 from fwm.config import ConfigError, validate
 from fwm.data.pipelines import rl_pipeline
 from fwm.envs.base import Task
-from fwm.mesh import make_mesh, place_batch
+from fwm.envs.retrievers import HTTPRetriever
+from fwm.mesh import initialize_distributed, make_mesh, place_batch
 from fwm.model import transformer
 from fwm.rl import rollout_data
 from fwm.rl.losses import REF_KEY
@@ -61,14 +67,18 @@ from fwm.train.state import TrainState, abstract_state, create_state, initial_pa
 from fwm.trajectories.collect import EnvSpec, derive_seed
 
 
-def env_spec(rl: ml_collections.ConfigDict) -> EnvSpec:
-    """The EnvSpec of the `rl` section."""
-    if rl.tool == "search" and not rl.index_dir:
+def env_spec(rl: ml_collections.ConfigDict) -> tuple[EnvSpec, HTTPRetriever | None]:
+    """The EnvSpec of the `rl` section and, for search over a Search-R1 server (rl.retriever_url), its client."""
+    if rl.tool == "search" and not (rl.index_dir or rl.retriever_url):
         raise ConfigError("config key 'rl.index_dir': the search tool needs a BM25 index directory "
-                          "(fwm data: WORKDIR/world/bm25)")
-    return EnvSpec(rl.tool, max_turns=int(rl.max_turns), index_dir=rl.index_dir, topk=int(rl.topk),
-                   metric=rl.env_metric, timeout_s=float(rl.timeout_s), memory_mb=int(rl.memory_mb),
+                          "(fwm data: WORKDIR/world/bm25) or rl.retriever_url (a Search-R1 retrieval server)")
+    retriever = (HTTPRetriever(rl.retriever_url, timeout_s=float(rl.timeout_s))
+                 if rl.tool == "search" and rl.retriever_url else None)
+    # With a server, index_dir only names the retriever (as in fwm eval): EnvPool uses the one given.
+    spec = EnvSpec(rl.tool, max_turns=int(rl.max_turns), index_dir=rl.index_dir or rl.retriever_url,
+                   topk=int(rl.topk), metric=rl.env_metric, timeout_s=float(rl.timeout_s), memory_mb=int(rl.memory_mb),
                    isolation=rl.isolation)
+    return spec, retriever
 
 
 def _tasks_of(batch: dict[str, np.ndarray], group_size: int) -> list[Task]:
@@ -151,6 +161,11 @@ def _reference_params(config: ml_collections.ConfigDict, model_cfg: transformer.
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Trains FC-RL in config.train.workdir until state.step reaches config.train.steps."""
     validate(config)
+    if initialize_distributed(bool(config.train.distributed)) and jax.process_count() > 1:
+        raise ConfigError("stage 'rl' runs in one process only (train.distributed / FWM_DISTRIBUTED=1 started "
+                          f"{jax.process_count()}): multi-host rollouts are not implemented -- every process would "
+                          "sample its own episodes into a batch the others do not share. Use one host (its "
+                          "devices all take part through the mesh)")
     rl, workdir = config.rl, config.train.workdir
     if not workdir:
         raise ConfigError("config key 'train.workdir' is empty; pass --workdir DIR")
@@ -172,8 +187,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     if start is not None:
         meta = checkpoints.restore_meta(manager, start)
         model_cfg = transformer.ModelConfig.from_dict(meta["model_config"])
-        state = checkpoints.restore(manager, start, abstract_state(model_cfg, tx, mesh), tasks)
         iteration = int(meta["iteration"])
+        state = checkpoints.restore(manager, start, abstract_state(model_cfg, tx, mesh), tasks, iteration)
         warn_config_changes(meta.get("config", {}), json.loads(config.to_json()))
         logging.info("resumed rl from %s/%d (iteration %d)", checkpoints.checkpoint_root(workdir), start, iteration)
     else:
@@ -189,7 +204,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     ref_params = (_reference_params(config, model_cfg, mesh, tokenizer.vocab_size, new_tag_ids)
                   if float(rl.kl_beta) > 0 else None)
     rl_step = make_rl_step(config, model_cfg, mesh)
-    token_logprobs = make_token_logprobs(model_cfg, mesh)
+    token_logprobs = make_token_logprobs(model_cfg, mesh, int(config.train.loss_chunk_size))
     is_writer = jax.process_index() == 0
     if is_writer:
         truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), start)
@@ -200,7 +215,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     record: dict[str, float] = {}
     step, saved, preempted = int(state.step), start, False
     try:
-        with StopRequest("iteration") as stop, EnvPool(env_spec(rl), threads=int(rl.env_threads)) as pool:
+        spec, retriever = env_spec(rl)
+        with StopRequest("iteration") as stop, EnvPool(spec, retriever, threads=int(rl.env_threads)) as pool:
             if step >= total_steps:
                 logging.info("rl already finished: checkpoint step %d >= train.steps %d", step, total_steps)
             while step < total_steps:

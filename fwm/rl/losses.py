@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from fwm.model import transformer
 from fwm.schema import SPAN_POLICY, SPAN_WM
-from fwm.train.losses import LossOutput, batch_logits, target_nll
+from fwm.train.losses import LossOutput, batch_logits, chunked_nll, target_nll
 
 AGGREGATIONS = ("token_mean", "sequence_mean_token_mean")
 RL_BATCH_KEYS = ("tokens_BxL", "targets_BxL", "segment_ids_BxL", "positions_BxL", "loss_weights_BxL",
@@ -121,13 +121,18 @@ def grpo_objective(logprobs_BxL: jax.Array, batch: Mapping[str, jax.Array], *, e
 
 
 def rl_loss(model_cfg: transformer.ModelConfig, params: Any, batch: Mapping[str, jax.Array], *, eps_low: float,
-            eps_high: float, kl_beta: float, aggregation: str) -> LossOutput:
-    """`grpo_objective` of the model's log-probs, plus the entropy at trained tokens (aux sum 'entropy')."""
-    logits_BxLxV = batch_logits(model_cfg, params, batch)
-    logprobs_BxL = -target_nll(logits_BxLxV, batch["targets_BxL"])
+            eps_high: float, kl_beta: float, aggregation: str, chunk_size: int = 0) -> LossOutput:
+    """`grpo_objective` of the model's log-probs, plus the entropy at trained tokens (aux sum 'entropy');
+    chunk_size > 0: both without the full logits (fwm.train.losses.chunked_nll)."""
+    if chunk_size > 0:
+        nll_BxL, entropy_BxL = chunked_nll(model_cfg, params, batch, chunk_size, with_entropy=True)
+        logprobs_BxL = -nll_BxL
+    else:
+        logits_BxLxV = batch_logits(model_cfg, params, batch)
+        logprobs_BxL = -target_nll(logits_BxLxV, batch["targets_BxL"])
+        entropy_BxL = entropy_from_logits(jax.lax.stop_gradient(logits_BxLxV))
     loss_sum, (count, aux) = grpo_objective(logprobs_BxL, batch, eps_low=eps_low, eps_high=eps_high,
                                             kl_beta=kl_beta, aggregation=aggregation)
-    entropy_BxL = entropy_from_logits(jax.lax.stop_gradient(logits_BxLxV))
     aux["entropy"] = jnp.sum(batch["loss_weights_BxL"].astype(jnp.float32) * entropy_BxL)
     return loss_sum, (count, aux)
 

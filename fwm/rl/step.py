@@ -20,12 +20,14 @@ from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
+from absl import logging
 from jax.sharding import Mesh
 
 from fwm.mesh import batch_sharding, replicated
 from fwm.model import transformer
 from fwm.rl import losses as rl_losses
-from fwm.train.losses import batch_logits, target_nll
+from fwm.train import memory
+from fwm.train.losses import token_nll
 from fwm.train.state import TrainState, learning_rate_schedule, make_optimizer, param_shardings, state_shardings
 from fwm.train.steps import Batch, apply_summed_grads, summed_grads
 
@@ -55,7 +57,8 @@ def make_rl_step(config: ml_collections.ConfigDict, model_cfg: transformer.Model
     rl = config.rl
     keys = rl_losses.batch_keys(float(rl.kl_beta))
     loss_fn = functools.partial(rl_losses.rl_loss, eps_low=float(rl.clip_eps_low), eps_high=float(rl.clip_eps_high),
-                                kl_beta=float(rl.kl_beta), aggregation=rl.loss_aggregation)
+                                kl_beta=float(rl.kl_beta), aggregation=rl.loss_aggregation,
+                                chunk_size=int(config.train.loss_chunk_size))
     micro_batches = int(config.optim.micro_batches)
     tx = make_optimizer(config.optim, int(config.train.steps))
     schedule = learning_rate_schedule(config.optim, int(config.train.steps))
@@ -72,26 +75,34 @@ def make_rl_step(config: ml_collections.ConfigDict, model_cfg: transformer.Model
         return jax.jit(step, in_shardings=(state_sh, _batch_shardings(mesh, shapes)),
                        out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
 
+    reported: set = set()  # batch shapes whose compiled memory was logged
+
     def rl_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         _check_keys(batch, keys, "rl_step")
         rows = batch["tokens_BxL"].shape[0]
         if rows % micro_batches:
             raise ValueError(f"rl_step: {rows} rows do not split into optim.micro_batches={micro_batches}")
         shapes = tuple((key, tuple(batch[key].shape)) for key in keys)
+        batch = {key: batch[key] for key in keys}
         with jax.set_mesh(mesh):
-            return compiled(shapes)(state, {key: batch[key] for key in keys})
+            if shapes not in reported:  # compiled ahead once per shape to log its memory (the call reuses it)
+                reported.add(shapes)
+                logging.info("rl_step on a %d x %d batch: %s", *batch["tokens_BxL"].shape,
+                             memory.step_line(state, compiled(shapes).lower(state, batch).compile(), mesh))
+            return compiled(shapes)(state, batch)
 
     return rl_step
 
 
-def make_token_logprobs(model_cfg: transformer.ModelConfig, mesh: Mesh
+def make_token_logprobs(model_cfg: transformer.ModelConfig, mesh: Mesh, chunk_size: int = 0
                         ) -> Callable[[Any, Batch], jax.Array]:
     """`token_logprobs(params, batch) -> logprobs_BxL` (float32): log p(targets_BxL | tokens) for
-    any params of this model (the frozen reference, or the rollout policy), rows sharded as the batch."""
+    any params of this model (the frozen reference, or the rollout policy), rows sharded as the batch;
+    chunk_size > 0 (train.loss_chunk_size) without the full logits."""
     params_sh = param_shardings(model_cfg, mesh)
 
     def logprobs(params: Any, batch: Batch) -> jax.Array:
-        return -target_nll(batch_logits(model_cfg, params, batch), batch["targets_BxL"])
+        return -token_nll(model_cfg, params, batch, chunk_size)
 
     @functools.cache
     def compiled(shapes: tuple[tuple[str, tuple[int, ...]], ...]):

@@ -3,7 +3,8 @@
 Each step directory holds three items (names shared with fwm/model/checkpoint.py, whose
 `load_params` reads `state.params` of these directories for the next stage):
   state/  StandardSave(TrainState)         -- params, optimiser state, step; sharded arrays
-  data/   the Grain iterator's position     -- resumes on exactly the next batch
+  data/   the Grain iterator's position     -- resumes on exactly the next batch (one file per process;
+                                               another process count skips ahead instead, see `restore`)
   meta/   JsonSave({model_config, config, tokenizer, tokenizer_sha256, stage, step, total_steps});
           `tokenizer` is the workdir's copy, so the next stage finds the ids these parameters use
 The manager is Composite from its first save (an orbax manager that once saved one unnamed item
@@ -17,7 +18,10 @@ import os
 from typing import Any, Mapping
 
 import grain
+import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 
 from fwm.data.checkpointing import checkpoint_args_restore, checkpoint_args_save
 from fwm.model.checkpoint import META_ITEM, STATE_ITEM
@@ -64,12 +68,36 @@ def restore_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     return manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
 
 
+def saved_data_positions(manager: ocp.CheckpointManager, step: int) -> list[str]:
+    """The names of the data iterator position files of step `step`: Grain writes one per process,
+    `process_{index}-of-{count}.json`, so they say how many processes wrote the checkpoint."""
+    directory = epath.Path(manager.directory) / str(step) / DATA_ITEM
+    return sorted(p.name for p in directory.glob("process_*-of-*.json")) if directory.exists() else []
+
+
 def restore(manager: ocp.CheckpointManager, step: int, target: TrainState,
-            data_iterator: grain.DatasetIterator) -> TrainState:
+            data_iterator: grain.DatasetIterator, batches_done: int) -> TrainState:
     """State of step `step` onto the shardings of `target` (ShapeDtypeStructs with shardings);
-    `data_iterator` (fresh, same pipeline) is moved in place to the saved position."""
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        STATE_ITEM: ocp.args.StandardRestore(target),
-        DATA_ITEM: checkpoint_args_restore(data_iterator),
-    }))
+    `data_iterator` (fresh, same pipeline) is moved in place to the saved position.
+
+    Orbax reshards the state onto any mesh, so a checkpoint restores on another process count too. The
+    data position cannot follow: each process's position is of its own shard (records p, p+P, ... of P
+    processes), and another count makes other shards. Then `batches_done` batches (the steps, or RL
+    iterations, the checkpoint had taken) are drawn from each process's new shard and dropped, so the run
+    goes on at the same point of the epoch -- at the cost of reading them once more.
+    """
+    own_file = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    saved = saved_data_positions(manager, step)
+    if own_file in saved:
+        restored = manager.restore(step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardRestore(target),
+            DATA_ITEM: checkpoint_args_restore(data_iterator),
+        }))
+        return restored[STATE_ITEM]
+    restored = manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)}))
+    logging.warning("checkpoint %s/%d holds the data positions %s, not this run's %s (another process count): "
+                    "skipping %d batches of this process's shard to reach the same point of the epoch",
+                    manager.directory, step, saved or "(none)", own_file, batches_done)
+    for _ in range(batches_done):
+        next(data_iterator)
     return restored[STATE_ITEM]

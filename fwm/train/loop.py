@@ -33,9 +33,9 @@ import numpy as np
 from absl import logging
 
 from fwm.config import ConfigError, validate
-from fwm.mesh import make_mesh, place_batch
+from fwm.mesh import initialize_distributed, make_mesh, place_batch
 from fwm.model import transformer
-from fwm.train import checkpoints, inputs
+from fwm.train import checkpoints, inputs, memory
 from fwm.train.inputs import TokenizerMismatchError
 from fwm.train.losses import BATCH_KEYS
 from fwm.train.metrics import MetricsWriter, Throughput, peak_flops_per_device, truncate_jsonl
@@ -114,6 +114,7 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
     train.epochs) or a stop signal. Everything is checked before anything is written: the config, the
     manifest, init.source, the batch split over the mesh, the tokenizer against the parameters'."""
     validate(config)
+    initialize_distributed(bool(config.train.distributed))  # before any device is touched
     config = validate(inputs.resolve_config(config))
     workdir = config.train.workdir
     if not workdir:
@@ -154,7 +155,7 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
         if tokenizer.vocab_size > model_cfg.vocab_size:
             raise TokenizerMismatchError(f"{tok_path} has {tokenizer.vocab_size} ids but the checkpoint's model only "
                                          f"{model_cfg.vocab_size}: the tokenizer changed since step {start}")
-        state = checkpoints.restore(manager, start, abstract_state(model_cfg, tx, mesh), train_iter)
+        state = checkpoints.restore(manager, start, abstract_state(model_cfg, tx, mesh), train_iter, start)
         logging.info("resumed %s from %s/%d", stage, root, start)
     else:
         start = 0
@@ -222,7 +223,10 @@ def run(config: ml_collections.ConfigDict) -> RunResult:
                 logging.info("%s already finished: checkpoint step %d >= train.steps %d", stage, start, total_steps)
             while step < total_steps:
                 batch = next(train_iter)
-                state, device_metrics = train_step(state, place_batch(mesh, {k: batch[k] for k in keys}))
+                placed = place_batch(mesh, {k: batch[k] for k in keys})
+                if step == start:  # compiled ahead to report its memory; the call below reuses the executable
+                    logging.info("%s", memory.step_line(state, train_step.lower(state, placed).compile(), mesh))
+                state, device_metrics = train_step(state, placed)
                 counts = ((int(batch["samples_B"].sum()), int(batch["truncated_B"].sum())) if "samples_B" in batch
                           else (0, 0))
                 step += 1

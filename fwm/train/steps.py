@@ -14,6 +14,7 @@ and the token counts and divides once, so the update equals the one from the who
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -124,7 +125,7 @@ def make_train_step(config: ml_collections.ConfigDict, model_cfg: transformer.Mo
     (before clipping), lr (of this update), param_norm (after it); SFT adds loss_/tokens_ per span.
     """
     _check_kind(kind)
-    loss_fn = losses.LOSSES[kind]
+    loss_fn = functools.partial(losses.LOSSES[kind], chunk_size=int(config.train.loss_chunk_size))
     keys = losses.BATCH_KEYS[kind]
     micro_batches = int(config.optim.micro_batches)
     tx = make_optimizer(config.optim, int(config.train.steps))
@@ -145,7 +146,14 @@ def make_train_step(config: ml_collections.ConfigDict, model_cfg: transformer.Mo
         with jax.set_mesh(mesh):
             return jitted(state, {k: batch[k] for k in keys})
 
+    def lower(state: TrainState, batch: Batch) -> Any:
+        """The step lowered for these (abstract or real) arguments: `.compile().memory_analysis()`; jax
+        keeps the executable, so a later call with the same shapes does not compile again."""
+        with jax.set_mesh(mesh):
+            return jitted.lower(state, {k: batch[k] for k in keys})
+
     run.__name__ = f"{kind}_step"
+    run.lower = lower
     return run
 
 
@@ -153,7 +161,7 @@ def make_eval_step(config: ml_collections.ConfigDict, model_cfg: transformer.Mod
                    kind: str) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """`eval_step(params, batch) -> {loss_sum, tokens, ...aux sums}`: sums, so batches add up exactly."""
     _check_kind(kind)
-    loss_fn = losses.LOSSES[kind]
+    loss_fn = functools.partial(losses.LOSSES[kind], chunk_size=int(config.train.loss_chunk_size))
     keys = losses.BATCH_KEYS[kind]
     batch_sh = batch_shardings(mesh, kind, int(config.data.batch_size), int(config.data.seq_len))
 
