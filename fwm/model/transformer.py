@@ -102,13 +102,14 @@ def num_params(cfg: ModelConfig) -> int:
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward+backward FLOPs per trained token: 6 x matmul parameters + causal attention.
+    """Forward+backward FLOPs per trained token: 6 x matmul parameters + 12 x layers x H*Dh x seq_len.
 
-    The embedding lookup is not a matmul; the logit projection is (tied or not).
+    The embedding lookup is not a matmul; the logit projection is (tied or not). Attention counts every
+    key (PaLM's convention): the attention here computes the full L x L scores and masks them.
     """
     matmul_params = num_params(cfg) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
-    # QK^T and PV: 2 matmuls x 2 FLOPs x H*Dh per key, half the keys on average (causal), x3 for fwd+bwd.
-    attention = 6 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    # QK^T and PV: 2 matmuls x 2 FLOPs x H*Dh per key, seq_len keys, x3 for forward + backward.
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
     return 6.0 * matmul_params + attention
 
 
