@@ -20,6 +20,8 @@ flags.DEFINE_string("dtype", None, "convert: parameter dtype to write (float32, 
 _TRAIN_CONFIG = config_flags.DEFINE_config_file(
     "config", None, "train, data: experiment file experiments/NAME.py[:arg]; override keys with --config.a.b=v",
     lock_config=True)
+flags.DEFINE_bool("quick", False, "bench: the S model only, one decode batch (under 3 minutes on 2 idle cores)")
+flags.DEFINE_string("out", "bench.json", "bench: where the JSON report goes")
 flags.DEFINE_string("workdir", None, "train: the stage's directory (checkpoints, metrics.jsonl, TensorBoard, "
                     "tokenizer); data: where the world, trajectories, blocks, corpora and stats.json go")
 
@@ -176,7 +178,18 @@ def _cmd_eval(args: list[str]) -> None:
     logging.info("eval done: %d tasks; results in %s", results["num_tasks"], config.workdir)
 
 
+def _cmd_bench(args: list[str]) -> None:
+    """fwm bench [--quick] [--out bench.json]: train step, decode and RL iteration speed beside transformers +
+    PyTorch and the host's measured matmul peak (fwm/bench/run.py); prints a table and writes the JSON."""
+    if args:
+        raise app.UsageError("usage: fwm bench [--quick] [--out bench.json]")
+    from fwm.bench import run as bench
+
+    bench.main(quick=FLAGS.quick, out=FLAGS.out)
+
+
 COMMANDS = {
+    "bench": _cmd_bench,
     "convert": _cmd_convert,
     "data": _cmd_data,
     "eval": _cmd_eval,

@@ -60,7 +60,7 @@ def test_rl_loop_trains_checkpoints_and_resumes(tmp_path):
     # Old log-probs are the training forward's: the first mini-batch is exactly on-policy.
     assert record["ratio_min"] <= 1.0 <= record["ratio_max"]
     assert record["sampler_logprob_gap"] < 1e-3
-    assert all(record[f"time_{phase}_s"] > 0 for phase in ("rollout", "reward", "update"))
+    assert all(first["last_timings"][f"{phase}_s"] > 0 for phase in ("rollout", "reward", "update"))
 
     # Resumes from step 2 with the next task batch; two passes over its 2 mini-batches: 4 more updates.
     config = _config(tmp_path, steps=6)

@@ -5,8 +5,8 @@
 Runs `fwm.train.loop.run` (Grain pipeline, placement, jitted step, metrics one step late) in a
 temporary workdir with eval off and one checkpoint at the end, and prints the loop's own measure:
 steps/s, tokens/s (batch x seq_len per step) and MFU = transformer.train_flops_per_token x tokens/s
-over the devices' peak (on CPU a nominal peak, see fwm/train/metrics.py). Compilation, evaluation and
-checkpointing are not counted.
+over the devices' peak (on CPU the float32 matmul peak measured at start, see fwm/train/metrics.py).
+Compilation, evaluation and checkpointing are not counted. `fwm bench` compares the step with transformers.
 """
 import argparse
 import importlib.util

@@ -102,13 +102,14 @@ def num_params(cfg: ModelConfig) -> int:
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward+backward FLOPs per trained token: 6 x matmul parameters + causal attention.
+    """Forward+backward FLOPs per trained token: 6 x matmul parameters + 12 x layers x H*Dh x seq_len.
 
-    The embedding lookup is not a matmul; the logit projection is (tied or not).
+    The embedding lookup is not a matmul; the logit projection is (tied or not). Attention counts every
+    key (PaLM's convention): the attention here computes the full L x L scores and masks them.
     """
     matmul_params = num_params(cfg) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
-    # QK^T and PV: 2 matmuls x 2 FLOPs x H*Dh per key, half the keys on average (causal), x3 for fwd+bwd.
-    attention = 6 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    # QK^T and PV: 2 matmuls x 2 FLOPs x H*Dh per key, seq_len keys, x3 for forward + backward.
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
     return 6.0 * matmul_params + attention
 
 
@@ -188,30 +189,54 @@ class Attention(nn.Module):
         inv_freq = rope_inv_freq(cfg)
         q = apply_rope(q, positions_BxL, inv_freq)
         kk = apply_rope(kk, positions_BxL, inv_freq)
-        if kv_cache is None:
-            keys_BxSxKxH, values_BxSxKxH, new_cache = kk, v, None
-        else:
-            cache_k, cache_v, start = kv_cache
-            keys_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(cache_k, kk.astype(cache_k.dtype), start, axis=1)
-            values_BxSxKxH = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, axis=1)
-            new_cache = (keys_BxSxKxH, values_BxSxKxH)
-            keys_BxSxKxH = keys_BxSxKxH.astype(q.dtype)
-            values_BxSxKxH = values_BxSxKxH.astype(q.dtype)
-        s = keys_BxSxKxH.shape[1]
-        mask_BxLxS = attention_mask(q_seg_BxL, q_slot_BxL, k_seg_BxS, jnp.arange(s, dtype=jnp.int32))
         q_BxLxKxGxH = q.reshape(b, l, k, h // k, dh)
-        scores = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxH, keys_BxSxKxH,
-                            preferred_element_type=jnp.float32) / math.sqrt(dh)
-        # A finite floor (not -inf) keeps fully masked rows (padding queries) free of NaN.
-        scores = jnp.where(mask_BxLxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values_BxSxKxH.dtype)
-        out = jnp.einsum("bkgls,bskd->blkgd", probs, values_BxSxKxH).reshape(b, l, h * dh)
+        if kv_cache is None:
+            new_kv = None
+            parts = [(kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+                      attention_mask(q_seg_BxL, q_slot_BxL, k_seg_BxS, jnp.arange(l, dtype=jnp.int32)))]
+        else:
+            # The cache is read, never written here: the layer returns only the L new keys/values and
+            # `extend` writes all layers' at once into the (donated) cache. Writing the cache inside the
+            # scanned layer made XLA rebuild the whole [layers, B, S, K, Dh] cache for every token, so
+            # decode cost grew with batch x cache size instead of with the matmuls.
+            cache_k, cache_v, start = kv_cache
+            new_kv = (kk.transpose(0, 2, 1, 3).astype(cache_k.dtype), v.transpose(0, 2, 1, 3).astype(cache_v.dtype))
+            s = cache_k.shape[2]
+            cached_slots_S = jnp.arange(s, dtype=jnp.int32)
+            # Slots from `start` on hold nothing yet (the new tokens are the second part below).
+            cached_BxLxS = (attention_mask(q_seg_BxL, q_slot_BxL, k_seg_BxS, cached_slots_S)
+                            & (cached_slots_S < start)[None, None, :])
+            new_slots_L = start + jnp.arange(l, dtype=jnp.int32)
+            new_seg_BxL = jax.lax.dynamic_slice_in_dim(k_seg_BxS, start, l, axis=1)
+            # The new keys pass through the cache dtype as the cached ones do, so a step sees the same
+            # numbers whether a key was written this call or an earlier one.
+            # The cache is [B, K, S, Dh] (heads before slots): the layout the batched attention matmuls
+            # read directly; [B, S, K, Dh] made XLA transpose-copy the whole cache every layer and token.
+            parts = [(cache_k.astype(q.dtype), cache_v.astype(q.dtype), cached_BxLxS),
+                     (new_kv[0].astype(q.dtype), new_kv[1].astype(q.dtype),
+                      attention_mask(q_seg_BxL, q_slot_BxL, new_seg_BxL, new_slots_L))]
+        # One softmax over the concatenated key parts (cached slots, then new ones): the same result as
+        # attending over one buffer holding both, without building that buffer.
+        scores = jnp.concatenate([
+            jnp.where(mask_BxLxS[:, None, None, :, :],
+                      jnp.einsum("blkgd,bksd->bkgls", q_BxLxKxGxH, keys_BxKxSxH,
+                                 preferred_element_type=jnp.float32) / math.sqrt(dh),
+                      # A finite floor (not -inf) keeps fully masked rows (padding queries) free of NaN.
+                      jnp.finfo(jnp.float32).min)
+            for keys_BxKxSxH, _, mask_BxLxS in parts], axis=-1)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out, offset = 0, 0
+        for keys_BxKxSxH, values_BxKxSxH, _ in parts:
+            width = keys_BxKxSxH.shape[2]
+            out = out + jnp.einsum("bkgls,bksd->blkgd", probs[..., offset:offset + width], values_BxKxSxH)
+            offset += width
+        out = out.reshape(b, l, h * dh)
         out = constrain(out, ("batch", "length", "act_heads"))
         o = nn.Dense(
             cfg.hidden_size, use_bias=False, name="o_proj", dtype=jnp.dtype(cfg.compute_dtype),
             param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=_normal(0.02, ("heads", "embed")),
         )(out)
-        return o, new_cache
+        return o, new_kv
 
 
 class MLP(nn.Module):
@@ -228,7 +253,8 @@ class MLP(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """One pre-norm layer; the scan carry is the residual stream, the per-layer xs is its KV cache."""
+    """One pre-norm layer; the scan carry is the residual stream, the per-layer xs is its KV cache (read
+    only) and the per-layer ys the new tokens' keys and values."""
 
     cfg: ModelConfig
 
@@ -237,12 +263,12 @@ class DecoderBlock(nn.Module):
         cfg = self.cfg
         kv = None if layer_cache is None else (layer_cache[0], layer_cache[1], cache_start)
         normed = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name="attn_norm")(x_BxLxD)
-        attn_out, new_cache = Attention(cfg, name="attn")(normed, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, kv)
+        attn_out, new_kv = Attention(cfg, name="attn")(normed, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, kv)
         x_BxLxD = x_BxLxD + attn_out
         normed = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name="mlp_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(normed)
         x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
-        return x_BxLxD, new_cache
+        return x_BxLxD, new_kv
 
 
 def _remat_policy(name: str):
@@ -255,8 +281,9 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, cache_kv=None, cache_start=0,
                  head=True):
-        """Returns (logits_BxLxV float32, new per-layer cache (k, v) stacked [layers, B, S, K, Dh] or None);
-        with head=False the final-normed hidden states x_BxLxD (compute dtype) instead of the logits."""
+        """Returns (logits_BxLxV float32, the L new tokens' (k, v) stacked [layers, B, K, L, Dh], or None
+        without a cache): the caller writes them into the cache at cache_start. With head=False the
+        final-normed hidden states x_BxLxD (compute dtype) instead of the logits."""
         cfg = self.cfg
         embed = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.compute_dtype),
@@ -280,10 +307,10 @@ class Transformer(nn.Module):
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, name="layers")
-        x_BxLxD, new_cache = layers(x_BxLxD, cache_kv, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, cache_start)
+        x_BxLxD, new_kv = layers(x_BxLxD, cache_kv, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, cache_start)
         x_BxLxD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name="final_norm")(x_BxLxD)
         if not head:
-            return x_BxLxD, new_cache
+            return x_BxLxD, new_kv
         if cfg.tie_embeddings:
             logits = embed.attend(x_BxLxD)
         else:
@@ -292,7 +319,7 @@ class Transformer(nn.Module):
                 param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=_normal(0.02, ("embed", "vocab")),
             )(x_BxLxD)
         logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
-        return logits, new_cache
+        return logits, new_kv
 
 
 def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
@@ -371,7 +398,7 @@ def output_kernel(cfg: ModelConfig, params: dict) -> jax.Array:
 
 
 class KVCache(NamedTuple):
-    """Decoding state. k/v: [layers, B, S, K, Dh]; segment_ids_BxS: 1 for a filled real slot, 0 otherwise;
+    """Decoding state. k/v: [layers, B, K, S, Dh]; segment_ids_BxS: 1 for a filled real slot, 0 otherwise;
     index: next slot to write (shared by all rows: rows advance together, left padding aligns them)."""
 
     k: jax.Array
@@ -383,7 +410,7 @@ class KVCache(NamedTuple):
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: str | None = None) -> KVCache:
     if max_len > cfg.max_seq_len:
         raise ValueError(f"cache length {max_len} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
-    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
     dt = jnp.dtype(dtype or cfg.compute_dtype)
     return KVCache(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch_size, max_len), jnp.int32),
                    jnp.zeros((), jnp.int32))
@@ -391,7 +418,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: str | Non
 
 def cache_logical_axes() -> KVCache:
     """Logical specs of a KVCache: rows over batch axes, kv heads over tensor."""
-    kv = PartitionSpec("layers", "batch", "length", "kv_heads", None)
+    kv = PartitionSpec("layers", "batch", "kv_heads", "length", None)
     return KVCache(kv, kv, PartitionSpec("batch", "length"), PartitionSpec())
 
 
@@ -428,6 +455,10 @@ def extend(cfg: ModelConfig, params: dict, cache: KVCache, tokens_BxL: jax.Array
         {"params": params}, jnp.asarray(tokens_BxL, jnp.int32), jnp.asarray(positions_BxL, jnp.int32),
         q_seg_BxL, q_slot_BxL, k_seg_BxS, (cache.k, cache.v), cache.index,
     )
+    # One in-place write of every layer's L new slots (the cache is a donated loop carry): O(L) per call,
+    # not a copy of the cache.
+    new_k = jax.lax.dynamic_update_slice_in_dim(cache.k, new_k, cache.index, axis=3)
+    new_v = jax.lax.dynamic_update_slice_in_dim(cache.v, new_v, cache.index, axis=3)
     logits = jnp.where(cache.index + l > s, jnp.nan, logits)
     return logits, KVCache(new_k, new_v, k_seg_BxS, cache.index + l)
 

@@ -98,21 +98,34 @@ def _mean_metrics(history: Sequence[dict[str, jax.Array]]) -> dict[str, float]:
     return out
 
 
+def _lap(timings: dict[str, float] | None, name: str, since: float) -> float:
+    """Records the seconds since `since` under `name` (when timings are kept); returns now."""
+    now = time.perf_counter()
+    if timings is not None:
+        timings[name] = now - since
+    return now
+
+
 def rl_iteration(state: TrainState, tasks: Sequence[Task], iteration: int, *, config: ml_collections.ConfigDict,
                  model_cfg: transformer.ModelConfig, mesh: Any, tokenizer: Any, pool: EnvPool,
-                 rl_step: Callable, token_logprobs: Callable, ref_params: Any | None, options: PromptOptions
-                 ) -> tuple[TrainState, dict[str, float]]:
-    """One rollout of rl.group_size episodes per task and one rl_step per mini-batch (module docstring)."""
+                 rl_step: Callable, token_logprobs: Callable, ref_params: Any | None, options: PromptOptions,
+                 timings: dict[str, float] | None = None) -> tuple[TrainState, dict[str, float]]:
+    """One rollout of rl.group_size episodes per task and one rl_step per mini-batch (module docstring).
+
+    timings: if given, filled with the wall-clock seconds of the iteration's parts: rollout_s (episodes:
+    sampling and tool calls), reward_s (rewards and advantages), update_s (batching, log-prob passes and
+    the rl_steps, waited for).
+    """
+    clock = time.perf_counter()
     rl = config.rl
     seed = int(config.train.seed)
     slots = episode_slots(tasks, int(rl.group_size), seed, tag=f"rl/{iteration}")
     policy = ModelPolicy(model_cfg, state.params, max_new_tokens=int(rl.max_new_tokens), stop_ids=(tokenizer.eos_id,),
                          temperature=float(rl.temperature), mesh=mesh)
-    started = time.perf_counter()
     episodes = run_episodes(slots, policy, pool, tokenizer, options)
-    rolled_out = time.perf_counter()
+    clock = _lap(timings, "rollout_s", clock)
     rewards, advantages = rollout_data.rollout_advantages(episodes, rl)
-    rewarded = time.perf_counter()
+    clock = _lap(timings, "reward_s", clock)
     samples = rollout_data.step_samples(episodes, advantages)
     # Rows: a multiple of the data-parallel size (each replica gets whole rows) times the micro-batches.
     row_multiple = int(mesh.shape["data"] * mesh.shape["fsdp"] * config.optim.micro_batches)
@@ -136,15 +149,14 @@ def rl_iteration(state: TrainState, tasks: Sequence[Task], iteration: int, *, co
         for on_device in placed:
             state, metrics = rl_step(state, on_device)
             history.append(metrics)
+    if timings is not None:
+        jax.block_until_ready(state)  # dispatch is asynchronous: the update ends when the state exists
+        _lap(timings, "update_s", clock)
     record = rollout_data.rollout_metrics(episodes, rewards, advantages)
     record.update(step_samples=float(len(samples)), mini_batches=float(len(placed)),
                   sampler_logprob_gap=float(np.mean(jax.device_get(gaps))) if gaps else 0.0)
     if history:
         record.update(_mean_metrics(history))  # fetches the step metrics, so the updates have finished here
-    # Seconds per phase: rollout (sampling + envs), reward (rewards and advantages), update (scoring the
-    # mini-batches with the policy and the reference, then the optimiser steps).
-    record.update(time_rollout_s=rolled_out - started, time_reward_s=rewarded - rolled_out,
-                  time_update_s=time.perf_counter() - rewarded)
     return state, record
 
 
@@ -213,6 +225,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
             "stage": "rl"}
     root = checkpoints.checkpoint_root(workdir)
     record: dict[str, float] = {}
+    timings: dict[str, float] = {}  # the last iteration's rollout / reward / update seconds
     step, saved, preempted = int(state.step), start, False
     try:
         spec, retriever = env_spec(rl)
@@ -221,21 +234,24 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                 logging.info("rl already finished: checkpoint step %d >= train.steps %d", step, total_steps)
             while step < total_steps:
                 task_batch = _tasks_of(next(tasks), int(rl.group_size))
-                started, done = time.perf_counter(), step
+                started, done, timings = time.perf_counter(), step, {}
                 state, record = rl_iteration(state, task_batch, iteration, config=config, model_cfg=model_cfg,
                                              mesh=mesh, tokenizer=tokenizer, pool=pool, rl_step=rl_step,
-                                             token_logprobs=token_logprobs, ref_params=ref_params, options=options)
+                                             token_logprobs=token_logprobs, ref_params=ref_params, options=options,
+                                             timings=timings)
                 iteration, step = iteration + 1, int(state.step)
                 record = check_finite(step, record, root, manager)  # raises before this iteration is written
                 record["iteration"] = float(iteration)
                 seconds = time.perf_counter() - started  # wall clock: TensorBoard only, not metrics.jsonl
-                perf = {"perf/iteration_s": seconds}
+                perf = {"perf/iteration_s": seconds, **{f"perf/{k}": v for k, v in timings.items()}}
                 if step > done:
                     perf["perf/eta_s"] = seconds / (step - done) * max(total_steps - step, 0)
                 writer.write(step, record, perf)
                 logging.info("rl iteration %d, step %d/%d: reward %.3f, correct %.3f, format %.3f, loss %.4f | "
-                             "%.1f s/iteration", iteration, step, total_steps, record["reward"], record["correct"],
-                             record["format_adherence"], record.get("loss", float("nan")), seconds)
+                             "%.1f s/iteration (rollout %.1f, reward %.2f, update %.1f)", iteration, step, total_steps,
+                             record["reward"], record["correct"], record["format_adherence"],
+                             record.get("loss", float("nan")), seconds, timings.get("rollout_s", 0.0),
+                             timings.get("reward_s", 0.0), timings.get("update_s", 0.0))
                 preempted = stop.requested(step, True)  # iterations sync anyway (the rollout needs the params)
                 want_ckpt = preempted or iteration % int(config.train.ckpt_every) == 0 or step >= total_steps
                 if want_ckpt and step != saved:
@@ -251,4 +267,4 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         manager.close()
         writer.close()
     return {"step": step, "iteration": iteration, "preempted": preempted, "last_record": record,
-            "checkpoint_dir": root}
+            "checkpoint_dir": root, "last_timings": timings}

@@ -9,10 +9,12 @@
 - `Throughput`: steps/s, trained tokens/s (tokens with loss weight > 0: what the run learns from;
   padding, prompts and masked observations excluded), ETA and MFU = achieved model FLOP/s
   (transformer's train_flops_per_token x processed tokens/s, i.e. batch x seq_len per step, because
-  padding costs the same compute) / peak FLOP/s of the devices (`peak_flops_per_device`).
+  padding costs the same compute) / peak FLOP/s of the devices (`peak_flops_per_device`: a table for
+  accelerators, a float32 matmul measured once per process on CPU).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -30,9 +32,27 @@ PEAK_FLOPS_PER_DEVICE: tuple[tuple[str, float], ...] = (
     ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("B200", 2250e12), ("A100", 312e12),
     ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12), ("V100", 125e12),
 )
-# CPUs have no meaningful table entry: a nominal 50 GFLOP/s per core (a few-GHz core with 256-bit
-# FMA units), shared by however many (possibly simulated) CPU devices the process has.
-NOMINAL_CPU_FLOPS_PER_CORE = 50e9
+# CPUs have no meaningful table entry, and a nominal per-core figure overstated MFU about twofold on a
+# 2-core EPYC: the peak is measured instead, as the best float32 matmul rate jax reaches on this host.
+CPU_PEAK_MATMUL_SIZE = 2048  # ~17 GFLOP per product: long enough to time, ~0.3 s for the whole measure
+
+
+@functools.lru_cache(maxsize=None)
+def jax_matmul_flops_per_s(n: int = CPU_PEAK_MATMUL_SIZE, repeats: int = 3) -> float:
+    """Best float32 FLOP/s of a jitted n x n @ n x n product on the default device (2 n^3 FLOPs each),
+    over `repeats` timed runs after a warm-up. Memoised: one measure per process."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    product = jax.jit(jnp.matmul)
+    product(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best
 
 
 def peak_flops_per_device(device_kind: str, platform: str, num_local_devices: int,
@@ -41,9 +61,11 @@ def peak_flops_per_device(device_kind: str, platform: str, num_local_devices: in
     if override > 0:
         return override, "configured peak (train.peak_flops_per_device)"
     if platform == "cpu":
-        cores = os.cpu_count() or 1
-        return (NOMINAL_CPU_FLOPS_PER_CORE * cores / max(num_local_devices, 1),
-                f"estimate vs a nominal CPU peak of {NOMINAL_CPU_FLOPS_PER_CORE / 1e9:.0f} GFLOP/s x {cores} cores")
+        # Simulated CPU devices share the host's cores: each gets its share of the host's measured rate.
+        measured = jax_matmul_flops_per_s()
+        return (measured / max(num_local_devices, 1),
+                f"vs this host's measured float32 matmul peak of {measured / 1e9:.0f} GFLOP/s (jax, n="
+                f"{CPU_PEAK_MATMUL_SIZE}; set train.peak_flops_per_device to fix it)")
     for needle, flops in PEAK_FLOPS_PER_DEVICE:
         if needle.lower() in device_kind.lower():
             return flops, f"vs {device_kind} bf16 dense peak {flops / 1e12:.0f} TFLOP/s"
