@@ -66,7 +66,7 @@ def base_config(micro: bool = False):
     s.rl.optim.lr = 1e-4
     s.rl.train.update(dict(steps=4, ckpt_every=1, log_every=1))
     s.rl.rl.update(dict(group_size=2, rollout_batch=8, max_turns=4, max_new_tokens=96, mini_batches=2))
-    c.eval.update(dict(max_tasks=40, progress=False))
+    c.eval.max_tasks = 40
     c.eval.env.max_turns = 4
     c.eval.sampling.max_new_tokens = 96
 
@@ -84,7 +84,7 @@ def base_config(micro: bool = False):
             section.train.update(dict(log_every=1, ckpt_every=100, eval_batches=1))
         s.rl.train.steps = 2
         s.rl.rl.update(dict(group_size=2, rollout_batch=4, max_turns=2, max_new_tokens=24, mini_batches=2))
-        c.eval.update(dict(max_tasks=4))
+        c.eval.update(dict(max_tasks=4, progress=False))
         c.eval.env.max_turns = 2
         c.eval.sampling.max_new_tokens = 24
     return c
@@ -100,5 +100,6 @@ def get_config(arg=None):
         "plan.mid_train": "standard", "plan.format": "plain", "plan.rl": "grpo"}, reference="46.1")
     sweep.rows.wm_fesft_fcrl = row("WM-AMT + FE-SFT + FC-RL", {
         "plan.mid_train": "wm", "plan.format": "full", "plan.rl": "fc_rl"}, reference="50.6")
+    sweep.order = ("std_sft_grpo", "wm_fesft_fcrl")
     sweep.seeds = (0,)
     return sweep

@@ -195,29 +195,28 @@ def _cmd_pipeline(args: list[str]) -> None:
         seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
     except ValueError:
         sys.exit(f"fwm pipeline: --seeds expects integers, got {FLAGS.seeds}")
-    note = ""
+    note, failed = "", ""
     with _known_errors_as_messages("fwm pipeline"):
         if _SWEEP_CONFIG.value is not None:
             note = _SWEEP_CONFIG.value.get("note", "")
-            results = sweep.run(_SWEEP_CONFIG.value, FLAGS.workdir, rows=FLAGS.rows, seeds=seeds)
+            try:
+                results = sweep.run(_SWEEP_CONFIG.value, FLAGS.workdir, rows=FLAGS.rows, seeds=seeds)
+            except sweep.RowsFailedError as err:  # the other rows ran; their report is printed below
+                results, failed = err.results, str(err)
         else:
             if FLAGS.rows or seeds:
                 raise app.UsageError("--rows and --seeds go with --sweep; with --config set --config.name / "
                                      "--config.seed")
-            config = _TRAIN_CONFIG.value
-            if "plan" not in config or "stages" not in config:
-                sys.exit(f"fwm pipeline: {config_flags.get_config_filename(FLAGS['config'])} is not a pipeline "
-                         f"config (it has no 'plan' and 'stages' keys); use one built on "
-                         f"fwm.pipeline.default_pipeline_config(), such as experiments/quickstart.py's base")
-            with config.unlocked():
-                config.workdir = FLAGS.workdir
+            config = _config_with_workdir("fwm pipeline", ("plan", "stages"), "a pipeline config",
+                                          "fwm.pipeline.default_pipeline_config(), such as "
+                                          "experiments/pipeline_search.py", pipeline.validate_pipeline_config, usage)
             results = [pipeline.run(config)]
     path = os.path.join(FLAGS.workdir, "report.md")
     states = ", ".join(f"{r.record['row']} seed {r.record['seed']}: {r.status}" for r in results)
     print(f"\nfwm pipeline: {states}\nreport: {os.path.abspath(path)}\n\n{report.table_text(path)}\n"
           + (f"\n{note}\n" if note else ""), flush=True)
-    if any(r.status != "finished" for r in results):
-        sys.exit(1)
+    if failed or any(r.status != "finished" for r in results):
+        sys.exit(f"fwm pipeline: {failed or 'not finished: ' + states}")
 
 
 def _cmd_report(args: list[str]) -> None:

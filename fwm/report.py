@@ -31,6 +31,7 @@ class Metric:
     header: str
     kind: str                                         # pct (shown x100) | num
     get: Callable[[Mapping[str, Any]], Any]           # eval.json -> value (None when absent)
+    digits: int = 1                                   # decimals shown
 
 
 def _path(*keys: str) -> Callable[[Mapping[str, Any]], Any]:
@@ -54,11 +55,11 @@ def _at_k(name: str) -> Callable[[Mapping[str, Any]], Any]:
 METRICS = (
     Metric("score", "score %", PCT, _path("greedy", "by_source", "all", "score")),
     Metric("format", "format %", PCT, _path("greedy", "by_source", "all", "format_adherence")),
-    Metric("ece", "ECE", NUM, _path("greedy", "calibration", "steps", "ece")),
-    Metric("brier", "Brier", NUM, _path("greedy", "calibration", "steps", "brier")),
-    Metric("auroc", "AUROC", NUM, _path("greedy", "calibration", "steps", "auroc")),
+    Metric("ece", "ECE", NUM, _path("greedy", "calibration", "steps", "ece"), 3),
+    Metric("brier", "Brier", NUM, _path("greedy", "calibration", "steps", "brier"), 3),
+    Metric("auroc", "AUROC", NUM, _path("greedy", "calibration", "steps", "auroc"), 3),
     Metric("grounding", "grounding %", PCT, _path("greedy", "keyword_grounding", "rate")),
-    Metric("horizon", "horizon", NUM, _path("greedy", "planning_horizon", "horizon")),
+    Metric("horizon", "horizon", NUM, _path("greedy", "planning_horizon", "horizon"), 2),
     Metric("recovery", "recovery %", PCT, _path("greedy", "recovery", "rate")),
     Metric("tokens", "tokens/episode", NUM, _path("greedy", "by_source", "all", "response_tokens")),
     Metric("selected_at_k", "selected@k %", PCT, _at_k("selected")),
@@ -110,10 +111,10 @@ def mean_and_spread(values: Sequence[float | None]) -> tuple[float | None, float
     return float(np.mean(present)), spread, len(present)
 
 
-def _cell(mean: float | None, spread: float | None, kind: str) -> str:
+def _cell(mean: float | None, spread: float | None, metric: Metric) -> str:
     if mean is None:
         return "-"
-    scale, form = (100.0, ".1f") if kind == PCT else (1.0, ".3f")
+    scale, form = (100.0 if metric.kind == PCT else 1.0), f".{metric.digits}f"
     text = format(mean * scale, form)
     return text + (f" ± {format(spread * scale, form)}" if spread is not None else "")
 
@@ -189,7 +190,7 @@ def markdown(workdir: str, rows: Sequence[RowRuns], sweep: Mapping[str, Any] | N
         for r in finished:
             cells = values[r.row]
             n = max((cells[m.key][2] for m in shown), default=len(r.evals))
-            lines.append(f"| {r.label} | {n} | " + " | ".join(_cell(*cells[m.key][:2], m.kind) for m in shown)
+            lines.append(f"| {r.label} | {n} | " + " | ".join(_cell(*cells[m.key][:2], m) for m in shown)
                          + (f" | {r.reference or '-'} |" if has_reference else " |"))
         lines.append("")
     else:
@@ -204,7 +205,7 @@ def markdown(workdir: str, rows: Sequence[RowRuns], sweep: Mapping[str, Any] | N
             rec = records.get((name, seed))
             if rec is None:
                 missing.append(f"- {name} seed {seed}: not started")
-            elif rec["status"] != "finished" or not rec.get("eval_dir"):
+            elif rec["status"] != "finished" or (rec.get("plan", {}).get("eval") and not rec.get("eval_dir")):
                 missing.append(f"- {name} seed {seed}: {_state(rec)}")
     lines += ["## Missing rows", ""] + (missing or ["None: every row and seed asked for has finished."]) + [""]
     lines += ["## Figures", ""]

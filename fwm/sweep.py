@@ -8,6 +8,7 @@ A sweep file (experiments/sweeps/NAME.py, `get_config(arg)`) returns `default_sw
   rows.ROW       `row(label, overrides, reference)`: a readable label, the overrides of `base` as nested
                  partial configs (`row` takes them as dotted keys: {"plan.mid_train": "wm"}), and the paper's
                  number for the row (shown beside the measured one)
+  order          the rows' order in runs and the report (ConfigDict sorts its keys); () means by name
   seeds          the seeds each row runs with (`--seeds` replaces them)
 
 Every (row, seed) is one pipeline run (fwm.pipeline.run) in one WORKDIR: stages are content-addressed by
@@ -31,6 +32,14 @@ from fwm.configlib import ConfigError, check_keys, nearest
 ROW_KEYS = ("label", "reference", "overrides")
 
 
+class RowsFailedError(RuntimeError):
+    """Some row runs of a sweep failed (each recorded in its row.json); `results` holds the others."""
+
+    def __init__(self, message: str, results: list[pipeline.RowResult]):
+        super().__init__(message)
+        self.results = results
+
+
 def default_sweep_config() -> ml_collections.ConfigDict:
     """The keys of a sweep file (module docstring)."""
     c = ml_collections.ConfigDict()
@@ -38,6 +47,7 @@ def default_sweep_config() -> ml_collections.ConfigDict:
     c.note = ""
     c.base = pipeline.default_pipeline_config()
     c.rows = ml_collections.ConfigDict()
+    c.order = ()
     c.seeds = (0,)
     return c
 
@@ -103,11 +113,20 @@ def check_sweep_keys(sweep: ml_collections.ConfigDict) -> None:
     check_keys(sweep.base, schema.base, "base.")
 
 
+def row_names(sweep: ml_collections.ConfigDict) -> list[str]:
+    """Every row, in `order` (then any row it leaves out, by name); ConfigError for a name of `order` that is
+    no row."""
+    for name in sweep.order:
+        if name not in sweep.rows:
+            raise ConfigError(f"config key 'order': {name!r} is not a row: {nearest(name, sweep.rows.keys())}")
+    return list(sweep.order) + sorted(set(sweep.rows.keys()) - set(sweep.order))
+
+
 def selected(sweep: ml_collections.ConfigDict, rows: Sequence[str] | None, seeds: Sequence[int] | None
              ) -> tuple[list[str], list[int]]:
     """The rows (all, in the file's order, when None) and seeds (the file's when None) to run; unknown row
     names are a ConfigError naming the valid ones."""
-    names = list(rows) if rows else list(sweep.rows.keys())
+    names = list(rows) if rows else row_names(sweep)
     for name in names:
         if name not in sweep.rows:
             raise ConfigError(f"--rows: unknown row {name!r}: {nearest(name, sweep.rows.keys())}")
@@ -117,11 +136,11 @@ def selected(sweep: ml_collections.ConfigDict, rows: Sequence[str] | None, seeds
 def run(sweep: ml_collections.ConfigDict, workdir: str, rows: Sequence[str] | None = None,
         seeds: Sequence[int] | None = None) -> list[pipeline.RowResult]:
     """Runs the selected rows x seeds in WORKDIR one after another (module docstring); the report is
-    rewritten after each. Raises RuntimeError after the last row if any row failed."""
+    rewritten after each. Raises RowsFailedError after the last row if any row failed."""
     check_sweep_keys(sweep)
     names, seed_list = selected(sweep, rows, seeds)
     configs = [row_config(sweep, name, seed, workdir) for name in names for seed in seed_list]  # all checked first
-    runs.register_sweep(workdir, sweep.name, list(sweep.rows.keys()), seed_list,
+    runs.register_sweep(workdir, sweep.name, row_names(sweep), seed_list,
                         {name: sweep.rows[name].get("label", "") or name for name in sweep.rows.keys()}, sweep.note)
     if sweep.note:
         logging.info("%s", sweep.note)
@@ -139,5 +158,5 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, rows: Sequence[str] | No
             logging.warning("sweep %s stopped: row %s seed %d was preempted", sweep.name, config.name, config.seed)
             break
     if failed:
-        raise RuntimeError(f"{len(failed)} of {len(configs)} row runs failed: " + "; ".join(failed))
+        raise RowsFailedError(f"{len(failed)} of {len(configs)} row runs failed: " + "; ".join(failed), results)
     return results
