@@ -72,12 +72,14 @@ RL_OWNED = TRAIN_OWNED + ("rl.variant", "rl.tool", "rl.index_dir", "rl.topk", "r
 EVAL_OWNED = ("workdir", "checkpoint", "tokenizer", "data_dir", "tasks_file", "tasks_format", "seed", "prompt.variant",
               "env.topk", "env.metric", "env.retriever_url")
 DATA_OWNED = ("workdir",)
-# Keys no result depends on: left out of the fingerprints (an interrupted stage may resume with other values).
-NOT_FINGERPRINTED = ("train.workdir", "train.log_every", "train.ckpt_every", "train.keep_ckpts",
-                     "train.async_checkpoint", "train.peak_flops_per_device", "data.worker_count", "data.read_threads",
-                     "rl.env_threads", "workdir", "workers", "chunk_size", "progress", "env.threads", "init.source",
-                     "tokenizer.path", "data.manifest", "data.train_files", "data.eval_files", "rl.index_dir",
-                     "checkpoint", "data_dir", "tokenizer")
+# Keys no result depends on, and paths (the fingerprints name the stages before instead): left out of the
+# fingerprints, so an interrupted stage may resume with other values and a moved workdir keeps its stages.
+TRAIN_NOT_FINGERPRINTED = ("train.workdir", "train.log_every", "train.ckpt_every", "train.keep_ckpts",
+                           "train.async_checkpoint", "train.peak_flops_per_device", "data.worker_count",
+                           "data.read_threads", "rl.env_threads", "init.source", "tokenizer.path", "data.manifest",
+                           "data.train_files", "data.eval_files", "rl.index_dir")
+DATA_NOT_FINGERPRINTED = ("workdir", "workers", "chunk_size", "progress")
+EVAL_NOT_FINGERPRINTED = ("workdir", "progress", "env.threads", "checkpoint", "data_dir", "tokenizer")
 
 
 class StagePreempted(RuntimeError):
@@ -231,18 +233,19 @@ def plan(c: ml_collections.ConfigDict) -> list[StageSpec]:
     """Every stage of the row, in order, with its config and fingerprint (a pure function of the config)."""
     specs = []
     data = _data_config(c)
-    data_fp = fingerprint(FORMAT_VERSION, "data", _without(data.to_dict(), NOT_FINGERPRINTED))
-    specs.append(StageSpec("data", "data", data_fp, data, _without(data.to_dict(), NOT_FINGERPRINTED)))
+    shown = _without(data.to_dict(), DATA_NOT_FINGERPRINTED)
+    data_fp = fingerprint(FORMAT_VERSION, "data", shown)
+    specs.append(StageSpec("data", "data", data_fp, data, shown))
     parent_fp, source = data_fp, c.init.source
     for name in planned_stages(c):
         config = _training_config(c, name)
-        shown = _without(config.to_dict(), NOT_FINGERPRINTED)
+        shown = _without(config.to_dict(), TRAIN_NOT_FINGERPRINTED)
         stage_fp = fingerprint(FORMAT_VERSION, name, parent_fp, data_fp, source, shown)
         specs.append(StageSpec(name, _label(c, name), stage_fp, config, shown))
         parent_fp, source = stage_fp, "previous stage"
     if c.plan.eval:
         config = _eval_config(c)
-        shown = _without(config.to_dict(), NOT_FINGERPRINTED)
+        shown = _without(config.to_dict(), EVAL_NOT_FINGERPRINTED)
         specs.append(StageSpec("eval", _label(c, "eval"), fingerprint(FORMAT_VERSION, "eval", parent_fp, data_fp,
                                                                       shown), config, shown))
     return specs
@@ -278,8 +281,6 @@ def validate_pipeline_config(config: ml_collections.ConfigDict) -> ml_collection
     require(p.rl in RL_ALGORITHMS, "plan.rl", f"one of {RL_ALGORITHMS}", p.rl)
     require(p.rl != "fc_rl" or p.format == "full", "plan.rl",
             f"'grpo' or 'none' with plan.format={p.format!r} (FC-RL needs the full format's confidence)", p.rl)
-    require(not p.pretrain or c.data.world.kind == "knowledge", "plan.pretrain",
-            "False for the arithmetic world (stage 0 trains on the knowledge world's documents)", p.pretrain)
     require(bool(planned_stages(c)) or not p.eval, "plan", "at least one training stage to evaluate", p.to_dict())
     require(re.fullmatch(r"scratch|orbax:.+|hf:.+", c.init.source) is not None, "init.source",
             "'scratch', 'orbax:PATH' or 'hf:PATH'", c.init.source)
@@ -291,6 +292,8 @@ def validate_pipeline_config(config: ml_collections.ConfigDict) -> ml_collection
         data_pipeline.validate_data_config(_data_config(c))
     except ConfigError as err:
         raise _prefixed(err, "data.") from None
+    require(not p.pretrain or c.data.world.kind == "knowledge", "plan.pretrain",
+            "False for the arithmetic world (stage 0 trains on the knowledge world's documents)", p.pretrain)
     defaults = train_config_lib.default_config()
     for name in TRAINING_STAGES:
         _check_owned(c.stages[name], defaults, RL_OWNED if name == "rl" else TRAIN_OWNED, f"stages.{name}.")

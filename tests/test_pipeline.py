@@ -173,6 +173,8 @@ def test_config_errors_name_the_key(tmp_path):
         _row(tmp_path, **{"stages.rl.rl.group_size": 1})
     with pytest.raises(ConfigError, match=r"'data.world.kind'"):
         _row(tmp_path, **{"data.world.kind": "maths"})
+    with pytest.raises(ConfigError, match=r"'plan.pretrain'.*arithmetic world"):
+        _row(tmp_path, **{"data.world.kind": "arithmetic"})
     with pytest.raises(ConfigError, match=r"--rows: unknown row 'std_sft'.*std_sft_grpo"):
         sweep.selected(_micro_sweep(), ["std_sft"], None)
 
