@@ -92,8 +92,8 @@ def rl_curves(curves_by_row: Mapping[str, Sequence[Sequence[tuple[int, float, fl
 
 def table_bars(labels: Sequence[str], metrics: Mapping[str, Sequence[tuple[float | None, float | None]]],
                path: str) -> str | None:
-    """The table as grouped bars: one panel per metric, one bar per row (mean over seeds, error bar the
-    spread); rows without the metric are left out of its panel."""
+    """The table as grouped bars: one panel per metric (names ending in '%' hold percentages), one bar per
+    row (mean over seeds, error bar the spread); rows without the metric are left out of its panel."""
     shown = {name: values for name, values in metrics.items() if any(mean is not None for mean, _ in values)}
     if not shown:
         return None
@@ -104,6 +104,9 @@ def table_bars(labels: Sequence[str], metrics: Mapping[str, Sequence[tuple[float
         xs = [i for i, (mean, _) in enumerate(values) if mean is not None]
         ax.bar(xs, [values[i][0] for i in xs], yerr=[values[i][1] or 0.0 for i in xs], capsize=3,
                color=[plt.rcParams["axes.prop_cycle"].by_key()["color"][i % 10] for i in xs])
+        top = max((values[i][0] + (values[i][1] or 0.0) for i in xs), default=0.0)
+        # A metric at 0 everywhere still gets a readable axis: its whole range (percent metrics end in '%').
+        ax.set_ylim(min(0.0, ax.get_ylim()[0]), top * 1.1 if top > 0 else (100.0 if name.endswith("%") else 1.0))
         ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
         ax.set_title(name, fontsize=9)
     for ax in list(axes.flat)[len(shown):]:

@@ -237,6 +237,12 @@ def markdown(workdir: str, rows: Sequence[RowRuns], sweep: Mapping[str, Any] | N
     return "\n".join(lines)
 
 
+def _scaled(cell: tuple[float | None, float | None], metric: Metric) -> tuple[float | None, float | None]:
+    """(mean, spread) as the table shows them (percent metrics x 100)."""
+    scale = 100.0 if metric.kind == PCT else 1.0
+    return tuple(None if v is None else v * scale for v in cell)  # type: ignore[return-value]
+
+
 def write_report(workdir: str) -> str:
     """Writes WORKDIR/report.md and WORKDIR/figures/*.png from what has finished; returns the report's path."""
     rows, sweep = gather(workdir)
@@ -245,7 +251,7 @@ def write_report(workdir: str) -> str:
     figures_dir = os.path.join(workdir, runs.FIGURES_DIR)
     figure_paths = {
         "table": figures.table_bars([r.label for r in finished],
-                                    {m.header: [values[r.row][m.key][:2] for r in finished]
+                                    {m.header: [_scaled(values[r.row][m.key][:2], m) for r in finished]
                                      for m in shown if m.key in BAR_METRICS},
                                     os.path.join(figures_dir, "table.png")),
         "reliability": figures.reliability({r.label: _pooled_bins(list(r.evals.values())) for r in finished},
