@@ -22,6 +22,11 @@ _TRAIN_CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_bool("quick", False, "bench: the S model only, one decode batch (under 3 minutes on 2 idle cores)")
 flags.DEFINE_string("out", "bench.json", "bench: where the JSON report goes")
+_SWEEP_CONFIG = config_flags.DEFINE_config_file(
+    "sweep", None, "pipeline: a sweep file experiments/sweeps/NAME.py[:arg] (rows x seeds of pipeline configs); "
+    "override keys with --sweep.base.a.b=v", lock_config=True)
+flags.DEFINE_list("rows", None, "pipeline --sweep: the rows to run (default: all, in the file's order)")
+flags.DEFINE_list("seeds", None, "pipeline --sweep: the seeds to run each row with (default: the file's seeds)")
 flags.DEFINE_string("workdir", None, "train: the stage's directory (checkpoints, metrics.jsonl, TensorBoard, "
                     "tokenizer); data: where the world, trajectories, blocks, corpora and stats.json go")
 
@@ -188,11 +193,64 @@ def _cmd_bench(args: list[str]) -> None:
     bench.main(quick=FLAGS.quick, out=FLAGS.out)
 
 
+def _cmd_pipeline(args: list[str]) -> None:
+    """fwm pipeline --config experiments/pipeline_*.py[:arg] --workdir DIR, or --sweep experiments/sweeps/NAME.py
+    [--rows a,b] [--seeds 0,1,2] --workdir DIR: every stage of one row (or of each row x seed of a sweep),
+    skipping finished stages; then the report (DIR/report.md), whose path and table are printed."""
+    usage = ("usage: fwm pipeline (--config experiments/pipeline_NAME.py[:arg] | --sweep experiments/sweeps/NAME.py"
+             "[:arg] [--rows a,b] [--seeds 0,1]) [--config.a.b=v | --sweep.base.a.b=v ...] --workdir DIR")
+    if args or (_TRAIN_CONFIG.value is None) == (_SWEEP_CONFIG.value is None) or not FLAGS.workdir:
+        raise app.UsageError(usage)
+    from fwm import pipeline, report, sweep
+
+    try:
+        seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
+    except ValueError:
+        sys.exit(f"fwm pipeline: --seeds expects integers, got {FLAGS.seeds}")
+    note, failed = "", ""
+    with _known_errors_as_messages("fwm pipeline"):
+        if _SWEEP_CONFIG.value is not None:
+            note = _SWEEP_CONFIG.value.get("note", "")
+            try:
+                results = sweep.run(_SWEEP_CONFIG.value, FLAGS.workdir, rows=FLAGS.rows, seeds=seeds)
+            except sweep.RowsFailedError as err:  # the other rows ran; their report is printed below
+                results, failed = err.results, str(err)
+        else:
+            if FLAGS.rows or seeds:
+                raise app.UsageError("--rows and --seeds go with --sweep; with --config set --config.name / "
+                                     "--config.seed")
+            config = _config_with_workdir("fwm pipeline", ("plan", "stages"), "a pipeline config",
+                                          "fwm.pipeline.default_pipeline_config(), such as "
+                                          "experiments/pipeline_search.py", pipeline.validate_pipeline_config, usage)
+            results = [pipeline.run(config)]
+    path = os.path.join(FLAGS.workdir, "report.md")
+    states = ", ".join(f"{r.record['row']} seed {r.record['seed']}: {r.status}" for r in results)
+    print(f"\nfwm pipeline: {states}\nreport: {os.path.abspath(path)}\n\n{report.table_text(path)}\n"
+          + (f"\n{note}\n" if note else ""), flush=True)
+    if failed or any(r.status != "finished" for r in results):
+        sys.exit(f"fwm pipeline: {failed or 'not finished: ' + states}")
+
+
+def _cmd_report(args: list[str]) -> None:
+    """fwm report WORKDIR: WORKDIR/report.md and WORKDIR/figures/*.png from whatever has finished."""
+    if len(args) != 1:
+        raise app.UsageError("usage: fwm report WORKDIR (a `fwm pipeline` workdir)")
+    from fwm import report
+
+    if not os.path.isdir(args[0]):
+        sys.exit(f"fwm report: {args[0]} is not a directory")
+    with _known_errors_as_messages("fwm report"):
+        path = report.write_report(args[0])
+    print(f"report: {os.path.abspath(path)}\n\n{report.table_text(path)}", flush=True)
+
+
 COMMANDS = {
     "bench": _cmd_bench,
     "convert": _cmd_convert,
     "data": _cmd_data,
     "eval": _cmd_eval,
+    "pipeline": _cmd_pipeline,
+    "report": _cmd_report,
     "train": _cmd_train,
 }
 
@@ -218,7 +276,7 @@ def _main(argv: list[str]) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    if any(arg.startswith("--config.") for arg in sys.argv):
+    if any(arg.startswith(("--config.", "--sweep.base.")) for arg in sys.argv):
         # Unknown --config.x paths otherwise fail inside flag parsing with a bare traceback.
         from fwm.configlib import ConfigError
 
@@ -226,6 +284,8 @@ def main() -> None:
             from fwm.trajectories.pipeline import check_data_override_args as check_override_args
         elif sys.argv[1:2] == ["eval"]:  # so has `fwm eval` (fwm.eval.config)
             from fwm.eval.config import check_eval_override_args as check_override_args
+        elif sys.argv[1:2] == ["pipeline"]:  # and `fwm pipeline` (fwm.pipeline), also under --sweep.base
+            from fwm.pipeline import check_pipeline_override_args as check_override_args
         else:
             from fwm.config import check_override_args
         try:

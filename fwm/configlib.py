@@ -156,3 +156,18 @@ def parse_variants(arg: str | None, allowed: Iterable[str], where: str, default:
     if unknown:
         raise ConfigError(f"{where}: unknown variant(s) {unknown}; expected a comma-separated subset of {allowed}")
     return variants
+
+
+def load_experiment(name: str, near: str) -> Any:
+    """The experiment file `name` (e.g. 'rl.py' or '../quickstart.py') beside the file `near` as a module:
+    experiment files are loaded by path (as `--config` loads them), not imported as a package."""
+    import importlib.util
+    import os
+
+    path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(near)), name))
+    if not os.path.isfile(path):
+        raise ConfigError(f"{near}: no experiment file {path}")
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

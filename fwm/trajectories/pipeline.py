@@ -26,7 +26,8 @@ training stages will use.
 Reruns skip finished stages. Each stage directory gets a `stage.json` marker, written last, holding a
 fingerprint of the config keys the stage reads and of the stage before it; a stage is skipped when its
 marker matches and its outputs exist, and redone otherwise (its marker is removed first, every file is
-replaced atomically, and every later stage is redone because its fingerprint includes this one's).
+replaced atomically, and every later stage is redone because its fingerprint includes this one's;
+fwm/stages.py, shared with `fwm pipeline`).
 Worker count, chunk size and the progress bar are not in any fingerprint: results do not depend on them.
 
 Splits: the world's train questions are cut in order into SFT tasks (the first splits.sft_tasks), RL
@@ -37,15 +38,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
-import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
 
 from fwm import calibration
+from fwm import stages as stages_lib
 from fwm.configlib import ConfigError, check_keys, check_override_args, check_types, require as _require
 from fwm.envs.base import Task, read_tasks, write_tasks
 from fwm.envs.jsonl import read_jsonl, write_json, write_jsonl
@@ -240,49 +240,10 @@ def check_data_override_args(argv: Iterable[str], flag_name: str = "config") -> 
 
 # ------------------------------------------------------------------------------------------- stages
 def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps([_FORMAT_VERSION, *parts], sort_keys=True, default=list).encode()).hexdigest()
+    return stages_lib.fingerprint(_FORMAT_VERSION, *parts)
 
 
-@dataclasses.dataclass
-class _Stage:
-    """A stage's directory, marker and fingerprint; `run` produces its outputs and returns its stats."""
-
-    name: str
-    directory: str
-    fingerprint: str
-    marker_name: str = "stage.json"  # the tokenizer stage writes into WORKDIR itself: tokenizer.stage.json
-
-    @property
-    def marker(self) -> str:
-        return os.path.join(self.directory, self.marker_name)
-
-    def finished(self) -> dict[str, Any] | None:
-        """The marker if it matches this fingerprint and every output it lists exists, else None."""
-        try:
-            with open(self.marker, encoding="utf-8") as f:
-                marker = json.load(f)
-        except (OSError, ValueError):
-            return None
-        if marker.get("fingerprint") != self.fingerprint:
-            return None
-        if not all(os.path.exists(os.path.join(self.directory, output)) for output in marker.get("outputs", ())):
-            return None
-        return marker
-
-    def execute(self, run: Callable[[], tuple[dict[str, Any], list[str]]]) -> tuple[dict[str, Any], bool]:
-        """(stats, skipped): the finished marker's stats, or run() (which returns stats and outputs)."""
-        marker = self.finished()
-        if marker is not None:
-            return marker["stats"], True
-        os.makedirs(self.directory, exist_ok=True)
-        if os.path.exists(self.marker):
-            os.remove(self.marker)  # outputs are about to change: no stale claim of completion
-        start = time.monotonic()
-        stats, outputs = run()
-        stats["seconds"] = round(time.monotonic() - start, 2)
-        write_json(self.marker, {"stage": self.name, "fingerprint": self.fingerprint, "outputs": outputs,
-                                 "stats": stats})
-        return stats, False
+_Stage = stages_lib.Stage  # a stage's directory, marker and fingerprint (fwm/stages.py, shared with fwm pipeline)
 
 
 @dataclasses.dataclass(frozen=True)
