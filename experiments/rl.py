@@ -58,6 +58,9 @@ def get_config(arg=None):
         data = os.environ.get(LEARNABLE_DATA_ENV, LEARNABLE_DEFAULT_DATA)
         config.data.train_files = (os.path.join(data, "corpora", "rl_tasks.jsonl"),)
         config.optim.lr = 1e-4
+        # A mini-batch of full-format steps is up to 128 rows x 768 tokens: 18.1 GiB of temporaries in one
+        # rl_step (attention scores of every layer kept for the backward pass); 4 micro-batches cut that ~4x.
+        config.optim.micro_batches = 4
         config.train.update(dict(steps=30, ckpt_every=5))
         config.rl.update(dict(index_dir=os.path.join(data, "world", "bm25"), topk=1, max_turns=6, group_size=8,
                               rollout_batch=64, mini_batches=4))
