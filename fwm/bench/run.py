@@ -21,8 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Sequence
 
 from fwm.bench import shapes
+from fwm.files import write_json
 
 # (part, implementation) -> "module:function"; each returns a dict of numbers.
 MEASURES = {
@@ -84,7 +86,8 @@ def _machine() -> dict:
         versions[name] = __import__(name).__version__ if spec else None
     return {"cpu": cpu, "cores": os.cpu_count(), "load_average_at_start": os.getloadavg(),
             "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}", "versions": versions,
-            "tunix": "installed" if importlib.util.find_spec("tunix") else "not installed (skipped)"}
+            "tunix": "installed, not compared (no tunix Sampler measure yet)" if importlib.util.find_spec("tunix")
+            else "not installed (skipped)"}
 
 
 def _decode_rows(settings: dict, report: dict, hf_root: str, in_process: bool, log) -> None:
@@ -134,6 +137,11 @@ def _fmt(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table's lines: header, separator, one line per row."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def table(report: dict) -> str:
     """The report as a Markdown table (what `fwm bench` prints and the README shows)."""
     m, s, peak = report["machine"], report["settings"], report["peak"]
@@ -145,33 +153,34 @@ def table(report: dict) -> str:
              + f"; MFU below is against the best, {peak['best'] / 1e9:.0f}. {report['flop_note']}.", ""]
     if report["train"]:
         lines += [f"Train step, batch {s['batch']} x seq {s['seq_len']}, forward + backward + clip + AdamW, float32 "
-                  f"(best of {s['steps']} steps after 2 warm-up):", "",
-                  "| size | params | GFLOP/token | fwm tokens/s | fwm MFU | torch tokens/s | torch MFU | fwm / torch "
-                  "| target | fwm RSS MB | torch RSS MB | fwm compiles after warm-up |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"(best of {s['steps']} steps after 2 warm-up):", ""]
+        rows = []
         for r in report["train"]:
             target = f">= {TRAIN_TARGETS[r['size']]}x" if r["size"] in TRAIN_TARGETS else ""
             if r["size"] in TRAIN_MFU_TARGET:
                 target += f", MFU >= {TRAIN_MFU_TARGET[r['size']]:.0%}"
-            lines.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['flops_per_token'] / 1e9:.3f} | "
-                         f"{_fmt(r['fwm']['tokens_per_s'])} | {r['fwm']['mfu']:.1%} | {_fmt(r['torch']['tokens_per_s'])} | "
-                         f"{r['torch']['mfu']:.1%} | **{r['ratio']:.2f}x** | {target} | {r['fwm']['peak_rss_mb']:,.0f} | "
-                         f"{r['torch']['peak_rss_mb']:,.0f} | {r['fwm']['compiles_after_warmup']} |")
-        lines.append("")
+            rows.append([r["size"], f"{r['params'] / 1e6:.1f}M", f"{r['flops_per_token'] / 1e9:.3f}",
+                         _fmt(r["fwm"]["tokens_per_s"]), f"{r['fwm']['mfu']:.1%}", _fmt(r["torch"]["tokens_per_s"]),
+                         f"{r['torch']['mfu']:.1%}", f"**{r['ratio']:.2f}x**", target,
+                         f"{r['fwm']['peak_rss_mb']:,.0f}", f"{r['torch']['peak_rss_mb']:,.0f}",
+                         str(r["fwm"]["compiles_after_warmup"])])
+        lines += _markdown_table(("size", "params", "GFLOP/token", "fwm tokens/s", "fwm MFU", "torch tokens/s",
+                                  "torch MFU", "fwm / torch", "target", "fwm RSS MB", "torch RSS MB",
+                                  "fwm compiles after warm-up"), rows) + [""]
     if report["decode"]:
         lines += [f"Decode, prompt {s['prompt_len']}, {s['max_new']} new tokens (no early stop), greedy, float32, "
-                  f"tokens/s of a whole call after a warm-up call:", "",
-                  "| size | batch | fwm tokens/s | transformers tokens/s | fwm / transformers | target | tunix "
-                  "| fwm RSS MB | transformers RSS MB | fwm compiles after warm-up | rows agreeing (first 8 tokens) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"tokens/s of a whole call after a warm-up call:", ""]
+        rows = []
         for r in report["decode"]:
             target = DECODE_TARGETS.get((r["size"], r["batch"]))
-            lines.append(f"| {r['size']} | {r['batch']} | {_fmt(r['fwm']['tokens_per_s'])} | "
-                         f"{_fmt(r['hf']['tokens_per_s'])} | **{r['ratio']:.2f}x** | "
-                         f"{f'>= {target}x' if target else ''} | {'-' if m['tunix'] != 'installed' else '?'} | "
-                         f"{r['fwm']['peak_rss_mb']:,.0f} | {r['hf']['peak_rss_mb']:,.0f} | "
-                         f"{r['fwm']['compiles_after_warmup']} | {r['hf'].get('rows_agreeing_first_8_tokens', float('nan')):.2f} |")
-        lines.append("")
+            rows.append([r["size"], str(r["batch"]), _fmt(r["fwm"]["tokens_per_s"]), _fmt(r["hf"]["tokens_per_s"]),
+                         f"**{r['ratio']:.2f}x**", f">= {target}x" if target else "",
+                         f"{r['fwm']['peak_rss_mb']:,.0f}", f"{r['hf']['peak_rss_mb']:,.0f}",
+                         str(r["fwm"]["compiles_after_warmup"]),
+                         f"{r['hf'].get('rows_agreeing_first_8_tokens', float('nan')):.2f}"])
+        lines += _markdown_table(("size", "batch", "fwm tokens/s", "transformers tokens/s", "fwm / transformers",
+                                  "target", "fwm RSS MB", "transformers RSS MB", "fwm compiles after warm-up",
+                                  "rows agreeing (first 8 tokens)"), rows) + [""]
     if "rl" in report:
         r = report["rl"]
         lines.append(f"One FC-RL iteration ({r['episodes']} episodes, {r['max_new_tokens']} new tokens per turn, "
@@ -184,8 +193,7 @@ def table(report: dict) -> str:
 def main(quick: bool, out: str) -> dict:
     """`fwm bench`: runs, prints the table, writes `out` (JSON)."""
     report = run(plan(quick), log=lambda line: print(line, file=sys.stderr, flush=True))
-    with open(out, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(out, report)
     print(table(report), flush=True)
     print(f"wrote {out}", file=sys.stderr)
     return report
