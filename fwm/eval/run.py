@@ -34,7 +34,7 @@ from fwm.envs.retrievers import HTTPRetriever, Retriever
 from fwm.envs.scoring import QA_METRICS, exact_match, f1
 from fwm.eval import foresight, metrics, report
 from fwm.eval.config import validate_eval_config
-from fwm.files import atomic_open
+from fwm.files import DataFormatError, atomic_open, read_json
 from fwm.mesh import make_mesh
 from fwm.model import checkpoint as checkpoint_lib
 from fwm.rollout.envs import EnvPool
@@ -88,11 +88,10 @@ def turns_and_topk(config: ml_collections.ConfigDict) -> tuple[int, int]:
     recorded: dict[str, Any] = {}
     stats_path = os.path.join(config.data_dir, "stats.json") if config.data_dir else ""
     if stats_path and os.path.exists(stats_path):
-        with open(stats_path) as f:
-            try:
-                recorded = json.load(f).get("env") or {}
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"config key 'data_dir': {stats_path} is not valid JSON ({e})") from e
+        try:
+            recorded = read_json(stats_path).get("env") or {}
+        except DataFormatError as e:
+            raise ConfigError(f"config key 'data_dir': {e}") from e
     return (int(config.env.max_turns or recorded.get("max_turns") or DEFAULT_MAX_TURNS),
             int(config.env.topk or recorded.get("topk") or DEFAULT_TOPK))
 
