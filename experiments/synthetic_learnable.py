@@ -49,6 +49,7 @@ def get_config(arg=None):
     #                                        which teaches copying a fresh name); what was measured
     config.corpora.pretrain_eval_documents = False  # stage 0 never reads an evaluation question's document
     config.corpora.think = "evidence"  # the think quotes the sentence the next search / answer is read from
+    config.blocks.roadmap = "evidence"  # and so does the block before it (FE-SFT: the roadmap names that object first)
     if "noisy_sft" in variants:
         config.corpora.sft_policies = ("noisy", "oracle")
     if "topk3" in variants:

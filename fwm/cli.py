@@ -25,6 +25,8 @@ flags.DEFINE_string("out", "bench.json", "bench: where the JSON report goes")
 _SWEEP_CONFIG = config_flags.DEFINE_config_file(
     "sweep", None, "pipeline: a sweep file experiments/sweeps/NAME.py[:arg] (rows x seeds of pipeline configs); "
     "override keys with --sweep.base.a.b=v", lock_config=True)
+flags.DEFINE_float("min_gain", 0.0, "compare: the least gain (a share, 0.05 = 5 points) the lower end of the "
+                   "paired 95% interval must reach; exit status 1 otherwise")
 flags.DEFINE_list("rows", None, "pipeline --sweep: the rows to run (default: all, in the file's order)")
 flags.DEFINE_list("seeds", None, "pipeline --sweep: the seeds to run each row with (default: the file's seeds)")
 flags.DEFINE_string("workdir", None, "train: the stage's directory (checkpoints, metrics.jsonl, TensorBoard, "
@@ -183,6 +185,21 @@ def _cmd_eval(args: list[str]) -> None:
     logging.info("eval done: %d tasks; results in %s", results["num_tasks"], config.workdir)
 
 
+def _cmd_compare(args: list[str]) -> None:
+    """fwm compare BEFORE_EVAL_DIR AFTER_EVAL_DIR [--min_gain 0.05]: the paired success gain of two `fwm eval`
+    runs on the same tasks with a bootstrap interval (fwm/eval/compare.py); exit 1 below --min_gain."""
+    if len(args) != 2:
+        raise app.UsageError("usage: fwm compare BEFORE_EVAL_DIR AFTER_EVAL_DIR [--min_gain 0.05]")
+    from fwm.eval import compare
+
+    with _known_errors_as_messages("fwm compare"):
+        gains = compare.compare_runs(args[0], args[1])
+    print(compare.markdown(gains, FLAGS.min_gain), flush=True)
+    failing = [g.kind for g in gains if not g.passes(FLAGS.min_gain)]
+    if failing:
+        sys.exit(f"fwm compare: the gain's 95% interval reaches below {FLAGS.min_gain:g} for {', '.join(failing)}")
+
+
 def _cmd_bench(args: list[str]) -> None:
     """fwm bench [--quick] [--out bench.json]: train step, decode and RL iteration speed beside transformers +
     PyTorch and the host's measured matmul peak (fwm/bench/run.py); prints a table and writes the JSON."""
@@ -246,6 +263,7 @@ def _cmd_report(args: list[str]) -> None:
 
 COMMANDS = {
     "bench": _cmd_bench,
+    "compare": _cmd_compare,
     "convert": _cmd_convert,
     "data": _cmd_data,
     "eval": _cmd_eval,

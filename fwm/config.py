@@ -164,6 +164,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.clip_eps_low = 0.2                    # ratio clipped to [1 - low, 1 + high]
     c.rl.clip_eps_high = 0.2                   # DAPO's clip-higher: 0.28
     c.rl.loss_aggregation = "token_mean"       # token_mean | sequence_mean_token_mean (fwm.rl.losses)
+    c.rl.pack = False                          # several step samples per row (fwm.rl.batch; token_mean only)
+    c.rl.old_logprobs = "recompute"            # pi_old of the ratio: recompute (a training forward per mini-batch
+    #                                            before the first update) | sampler (the rollout's own log-probs:
+    #                                            one forward pass less per mini-batch; exact only where the sampler's
+    #                                            numerics match training's, see sampler_logprob_gap of a recompute run)
     # The environment (tasks come from data.train_files: RL task records, e.g. fwm data's rl_tasks.jsonl).
     c.rl.tool = "search"                       # search | python
     c.rl.index_dir = ""                        # search: a BM25 index directory (fwm data: WORKDIR/world/bm25)
@@ -260,6 +265,12 @@ def check_rl_values(rl: ml_collections.ConfigDict) -> None:
     for name in ("max_turns", "max_new_tokens", "mini_batches", "epochs"):
         _require(rl[name] >= 1, f"rl.{name}", "an int >= 1", rl[name])
     _require(rl.temperature > 0, "rl.temperature", "a value > 0", rl.temperature)
+    if rl.pack:
+        _require(rl.loss_aggregation == "token_mean", "rl.loss_aggregation", "'token_mean' with rl.pack=True (a "
+                 "packed row holds several sequences; sequence_mean_token_mean would average them as one)",
+                 rl.loss_aggregation)
+    _require(rl.old_logprobs in ("recompute", "sampler"), "rl.old_logprobs", "'recompute' or 'sampler'",
+             rl.old_logprobs)
     _require(rl.outcome_metric in OUTCOME_METRICS, "rl.outcome_metric", f"one of {OUTCOME_METRICS}",
              rl.outcome_metric)
     _require(0 < rl.correct_threshold <= 1, "rl.correct_threshold", "a value in (0, 1]", rl.correct_threshold)

@@ -64,9 +64,11 @@ def test_rl_loop_trains_checkpoints_and_resumes(tmp_path):
 
     # Resumes from step 2 with the next task batch; two passes over its 2 mini-batches: 4 more updates.
     config = _config(tmp_path, steps=6)
-    config.rl.epochs = 2
+    # pi_old = the sampler's log-probs (no gap measured), several step samples per row
+    config.rl.update(dict(epochs=2, old_logprobs="sampler", pack=True))
     second = run(config)
     assert second["step"] == 6 and second["iteration"] == 2
+    assert "sampler_logprob_gap" not in second["last_record"] and np.isfinite(second["last_record"]["loss"])
     lines = [json.loads(line) for line in (tmp_path / "work" / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 6] and [line["iteration"] for line in lines] == [1, 2]
     assert "iteration_s" not in lines[-1]  # wall clock goes to TensorBoard only

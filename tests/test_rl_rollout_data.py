@@ -75,6 +75,20 @@ def test_step_samples_and_mini_batches_cover_every_step_once():
     expected = sum(s.world_model_advantage + s.policy_advantage * (len(s.response_ids) - 1) for s in samples)
     assert total == pytest.approx(expected, abs=1e-5)
     assert rollout_data.mini_batches([], 2, np.random.default_rng(0), row_multiple=4, max_seq_len=64) == []
+    # packed: the 3 samples of a mini-batch (8, 7 or 6 tokens) share rows of 8 -> 2 or 3 rows, bucketed to 3
+    packed = rollout_data.mini_batches(samples, 2, np.random.default_rng(0), row_multiple=1, max_seq_len=64, pack=True)
+    assert all(batch["tokens_BxL"].shape[1] == 8 for batch in packed)
+    assert sum(batch["loss_weights_BxL"].sum() for batch in packed) == weights
+    assert sum(batch["advantages_BxL"].sum() for batch in packed) == pytest.approx(expected, abs=1e-5)
+    assert sum(len(np.unique(b["segment_ids_BxL"][b["segment_ids_BxL"] > 0])) for b in packed) >= 2
+
+
+def test_row_buckets_waste_at_most_a_third():
+    assert [rollout_data.bucket_rows(n, 1) for n in range(1, 18)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16, 16,
+                                                                      16, 16, 24]
+    assert [rollout_data.bucket_rows(n, 4) for n in (1, 5, 9, 17, 33)] == [4, 8, 12, 24, 48]
+    for n in range(1, 300):
+        assert n <= rollout_data.bucket_rows(n, 1) <= max(n + 1, 1.5 * n)
 
 
 def test_rollout_metrics():

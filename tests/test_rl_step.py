@@ -281,12 +281,22 @@ def test_without_kl_no_reference_is_read():
     ("clip_eps_low", 1.0, "rl.clip_eps_low"),
     ("outcome_metric", "bleu", "rl.outcome_metric"),
     ("future_start", "now", "rl.future_start"),
+    ("old_logprobs", "reference", "rl.old_logprobs"),
 ])
 def test_rl_config_values_are_checked(key, value, message):
     config = config_lib.default_config()
     config.rl[key] = value
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.validate(config)
+
+
+def test_packing_needs_token_mean():
+    config = config_lib.default_config()
+    config.rl.update(dict(pack=True, loss_aggregation="sequence_mean_token_mean"))
+    with pytest.raises(config_lib.ConfigError, match="rl.loss_aggregation.*rl.pack"):
+        config_lib.validate(config)
+    config.rl.loss_aggregation = "token_mean"
+    config_lib.validate(config)
 
 
 def test_rl_config_rewards_must_fit_the_variant():

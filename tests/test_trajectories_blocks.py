@@ -303,6 +303,34 @@ def test_rejections_are_counted_for_a_leaking_or_failing_writer(world, search_sp
         assert out[0]["block"] is None and reason in out[0]["rejection"] and not out[0]["spoiler_rejection"]
 
 
+def test_evidence_roadmap_quotes_the_sentence_the_next_name_was_read_from(world, search_spec):
+    env = collect.make_env(search_spec)
+    oracle = make_policy("oracle", KnowledgeMoves.from_world(world))
+    task = next(t for t in world.train_tasks if t.metadata["num_hops"] == 2)
+    record = collect.run_episode(env, oracle, task, np.random.default_rng(0))
+    names = _names(world)
+    plain, quoting = blocks.RuleBlockWriter(), blocks.RuleBlockWriter(roadmap="evidence")
+    for step in range(len(record.actions)):
+        context = StepContext.from_record(record, step)
+        forbidden = spoiler_terms(context, names)
+        base, quoted = plain(context, 50, forbidden), quoting(context, 50, forbidden)
+        argument = record.actions[step].argument
+        if step == 0:  # the first search's subject comes from the question: nothing to quote
+            assert quoted == base
+            continue
+        # the sentence of the previous observation that names the argument, then the unchanged roadmap
+        sentence = next(s.strip() for s in re.split(r"(?<=[.!?])\s+", record.observations[step - 1])
+                        if contains_term(s, argument) and "Title:" not in s)
+        assert quoted.roadmap == f"{sentence} {base.roadmap}"
+        assert contains_term(quoted.roadmap.split(base.roadmap)[0], argument)
+        assert (quoted.keywords, quoted.analysis) == (base.keywords, base.analysis)
+        assert not find_spoilers(quoted, forbidden)
+    with pytest.raises(ValueError, match="roadmap"):
+        blocks.RuleBlockWriter(roadmap="quote")
+    with pytest.raises(ValueError, match="teacher"):
+        blocks.make_block_writer("teacher", {"base_url": "http://127.0.0.1:9/v1", "model": "m"}, roadmap="evidence")
+
+
 def test_writer_choice_and_lazy_teacher_import():
     assert isinstance(blocks.make_block_writer("rule"), blocks.RuleBlockWriter)
     teacher = blocks.make_block_writer("teacher", {"base_url": "http://127.0.0.1:9/v1", "model": "m"})

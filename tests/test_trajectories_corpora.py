@@ -13,7 +13,7 @@ from fwm.data import features, records
 from fwm.envs.retrievers import BM25Retriever
 from fwm.envs.synthetic import KnowledgeWorldConfig, generate_knowledge_world
 from fwm.tokenizer import train_sentencepiece
-from fwm.trajectories import blocks, collect, corpora
+from fwm.trajectories import blocks, collect, corpora, evidence
 from fwm.trajectories.policies import KnowledgeMoves, make_policy
 
 SMALL = KnowledgeWorldConfig(num_people=12, num_cities=5, num_countries=2, num_companies=4, num_universities=3,
@@ -258,10 +258,10 @@ def test_evidence_think_quotes_the_sentence_the_argument_was_read_from():
              "Doc 2(Title: Kafila) Kafila lies on the coast.")
     second = "Doc 1(Title: Saroara) The largest city of Saroara is Duvilu. Saroara was founded by Vipi Raze."
     search, answer = schema.Action("search", "Saroara"), schema.Action("answer", "Duvilu")
-    assert corpora.evidence_sentence("Saroara", [first]) == "Dugegi exports mostly to Saroara."
-    assert corpora.evidence_sentence("Vuduno Lafu", [first]) == "The mayor of Dugegi is Vuduno Lafu."
+    assert evidence.evidence_sentence("Saroara", [first]) == "Dugegi exports mostly to Saroara."
+    assert evidence.evidence_sentence("Vuduno Lafu", [first]) == "The mayor of Dugegi is Vuduno Lafu."
     # the latest observation naming it wins; its first sentence naming it
-    assert corpora.evidence_sentence("Saroara", [first, second]) == "The largest city of Saroara is Duvilu."
+    assert evidence.evidence_sentence("Saroara", [first, second]) == "The largest city of Saroara is Duvilu."
     assert corpora.think_text(search, [first], "evidence") == \
         "Dugegi exports mostly to Saroara. I will search for Saroara."
     assert corpora.think_text(answer, [first, second], "evidence") == \
@@ -270,7 +270,7 @@ def test_evidence_think_quotes_the_sentence_the_argument_was_read_from():
     assert corpora.think_text(schema.Action("search", "Dugegi"), [], "evidence") == "I will search for Dugegi."
     assert corpora.think_text(schema.Action("answer", "Saro"), [first], "evidence") == "My answer is Saro."
     assert corpora.think_text(search, [first], "action") == "I will search for Saroara."
-    assert corpora.evidence_sentence("X", ["Doc 1(Title: X) X is " + "very " * 80 + "long."]) is None
+    assert evidence.evidence_sentence("X", ["Doc 1(Title: X) X is " + "very " * 80 + "long."]) is None
     with pytest.raises(ValueError, match="think style"):
         corpora.think_text(search, [first], "quote")
 

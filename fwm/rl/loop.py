@@ -6,11 +6,13 @@
     1. episodes of the current policy (`fwm.rollout.episodes.run_episodes`, `ModelPolicy` at
        rl.temperature, rl.max_new_tokens per step, rl.max_turns steps) in an `EnvPool` (rl.tool);
     2. rewards and span advantages (`fwm.rl.rollout_data.rollout_advantages`);
-    3. the step samples shuffled into rl.mini_batches mini-batches (`rollout_data.mini_batches`);
+    3. the step samples shuffled into rl.mini_batches mini-batches (`rollout_data.mini_batches`; with
+       rl.pack several samples share a row);
     4. old log-probs recomputed by the training forward for every mini-batch before the first update
        (the first mini-batch is then exactly on-policy, and the sampler's numerics -- another program,
        KV cache -- never enter the ratio; their gap to the sampler's is reported as
-       `sampler_logprob_gap`), and the reference's when rl.kl_beta > 0;
+       `sampler_logprob_gap`; rl.old_logprobs=sampler keeps the sampler's instead and skips that
+       forward pass), and the reference's when rl.kl_beta > 0;
     5. one `rl_step` per mini-batch, in order, rl.epochs times over the same mini-batches.
   train.steps counts optimiser updates (mini-batches); the loop stops once state.step reaches it.
 - The reference model of the KL is the policy the run started from (config.init.source), frozen.
@@ -132,15 +134,16 @@ def rl_iteration(state: TrainState, tasks: Sequence[Task], iteration: int, *, co
     batches = rollout_data.mini_batches(samples, int(rl.mini_batches),
                                         np.random.default_rng(derive_seed(seed, "rl/mini_batches", iteration)),
                                         row_multiple=row_multiple, max_seq_len=model_cfg.max_seq_len,
-                                        pad_id=tokenizer.pad_id)
+                                        pad_id=tokenizer.pad_id, pack=bool(rl.pack))
     placed, gaps = [], []
     for batch in batches:  # every mini-batch scored by the policy before the first update
         on_device = place_batch(mesh, batch)
-        sampler_logprobs = on_device["old_logprobs_BxL"]
-        on_device["old_logprobs_BxL"] = token_logprobs(state.params, on_device)
-        weights = on_device["loss_weights_BxL"]
-        gaps.append(jnp.sum(weights * jnp.abs(on_device["old_logprobs_BxL"] - sampler_logprobs))
-                    / jnp.maximum(jnp.sum(weights), 1.0))
+        if rl.old_logprobs == "recompute":
+            sampler_logprobs = on_device["old_logprobs_BxL"]
+            on_device["old_logprobs_BxL"] = token_logprobs(state.params, on_device)
+            weights = on_device["loss_weights_BxL"]
+            gaps.append(jnp.sum(weights * jnp.abs(on_device["old_logprobs_BxL"] - sampler_logprobs))
+                        / jnp.maximum(jnp.sum(weights), 1.0))
         if ref_params is not None:
             on_device[REF_KEY] = token_logprobs(ref_params, on_device)
         placed.append(on_device)
@@ -153,8 +156,9 @@ def rl_iteration(state: TrainState, tasks: Sequence[Task], iteration: int, *, co
         jax.block_until_ready(state)  # dispatch is asynchronous: the update ends when the state exists
         _lap(timings, "update_s", clock)
     record = rollout_data.rollout_metrics(episodes, rewards, advantages)
-    record.update(step_samples=float(len(samples)), mini_batches=float(len(placed)),
-                  sampler_logprob_gap=float(np.mean(jax.device_get(gaps))) if gaps else 0.0)
+    record.update(step_samples=float(len(samples)), mini_batches=float(len(placed)))
+    if gaps:  # measured only where old log-probs are recomputed
+        record["sampler_logprob_gap"] = float(np.mean(jax.device_get(gaps)))
     if history:
         record.update(_mean_metrics(history))  # fetches the step metrics, so the updates have finished here
     return state, record

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 
 from fwm.rl.advantages import StepAdvantages, span_advantages
-from fwm.rl.batch import StepSample, rl_batch
+from fwm.rl.batch import StepSample, first_fit_rows, rl_batch
 from fwm.rl.rewards import EpisodeOutcome, EpisodeRewards, StepOutcome, episode_rewards
 from fwm.rollout.episodes import Episode
 
@@ -61,23 +61,36 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def mini_batches(samples: Sequence[StepSample], num_mini_batches: int, rng: np.random.Generator, *,
-                 row_multiple: int, max_seq_len: int, pad_id: int = 0) -> list[dict[str, np.ndarray]]:
-    """The samples shuffled and split into num_mini_batches near-equal mini-batches (fewer if there
-    are fewer samples), each an rl_batch.
+def bucket_rows(rows: int, multiple: int) -> int:
+    """The compiled row count for `rows` rows: the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (powers of two
+    and their 1.5x: at most a third of the rows are padding, a handful of shapes to compile), rounded up
+    to `multiple`."""
+    bucket = 1
+    while bucket < rows:
+        power_of_two = bucket & (bucket - 1) == 0
+        bucket = bucket + max(1, bucket // 2) if power_of_two else bucket * 4 // 3
+    return _round_up(bucket, multiple)
 
-    Shapes are bucketed to bound recompiles: rows rounded up to a power of two and to `row_multiple`
-    (the data-parallel size times optim.micro_batches; extra rows are padding), the length to the next
-    power of two of the longest sample (at most max_seq_len).
+
+def mini_batches(samples: Sequence[StepSample], num_mini_batches: int, rng: np.random.Generator, *,
+                 row_multiple: int, max_seq_len: int, pad_id: int = 0, pack: bool = False) -> list[dict[str, np.ndarray]]:
+    """The samples shuffled and split into num_mini_batches near-equal mini-batches (fewer if there
+    are fewer samples), each an rl_batch (one sample per row, or packed: `pack`).
+
+    Shapes are bucketed to bound recompiles: the length is the next power of two of the longest sample
+    (at most max_seq_len), the rows of the fullest mini-batch go to `bucket_rows` and a multiple of
+    `row_multiple` (the data-parallel size times optim.micro_batches; extra rows are padding).
     """
     if not samples:
         return []
     order = rng.permutation(len(samples))
     parts = [part for part in np.array_split(order, min(num_mini_batches, len(samples))) if len(part)]
-    longest = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-    seq_len = min(1 << max(0, longest - 1).bit_length(), max_seq_len)
-    rows = _round_up(1 << max(0, max(len(p) for p in parts) - 1).bit_length(), row_multiple)
-    return [rl_batch([samples[k] for k in part], rows=rows, seq_len=seq_len, pad_id=pad_id) for part in parts]
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    seq_len = min(1 << max(0, max(lengths) - 1).bit_length(), max_seq_len)
+    needed = max(len(first_fit_rows([lengths[k] for k in part], seq_len)) if pack else len(part) for part in parts)
+    rows = bucket_rows(needed, row_multiple)
+    return [rl_batch([samples[k] for k in part], rows=rows, seq_len=seq_len, pad_id=pad_id, pack=pack)
+            for part in parts]
 
 
 def rollout_metrics(episodes: Sequence[Episode], rewards: Sequence[EpisodeRewards],

@@ -23,7 +23,11 @@ metadata, what the agent has seen, and what this trajectory really does next:
   Kaelo Brin; then search "the founder of", which adds no link; then search [person B] to find
   [company C], the company that [person B] works for; then answer [company C]." Its first clause is
   a_t itself (the concrete next-step intent), so the block never says one thing while the agent does
-  another;
+  another. With `roadmap="evidence"` (data config `blocks.roadmap`) the roadmap first quotes the sentence
+  of an earlier observation that a_t's argument was read from (fwm.trajectories.evidence), e.g.
+  "Kaelo Brin was mentored by Ilsa Varn. Search Ilsa Varn to find ...": the block comes before the
+  think, so without the quote the roadmap's first name would have to be retrieved from the asked
+  relation's meaning in one token, the very step the evidence think (`corpora.think`) turns into copying;
 - keywords: the next action's query / expression, then relation words and seen names, each kept only
   if it holds no forbidden term and occurs in what follows a_t (`grounded_keywords`,
   fwm.trajectories.future.what_follows from `future_start`);
@@ -48,12 +52,14 @@ from fwm.envs.synthetic.knowledge import RELATION_BY_NAME
 from fwm.schema import ANSWER, Action, WorldModelBlock, check_confidence, render_world_model
 from fwm.trajectories.collect import (EnvSpec, derive_seed, make_env, record_from_row, run_episode,
                                       succeeded)
+from fwm.trajectories.evidence import evidence_sentence
 from fwm.trajectories.future import FUTURE_STARTS, keyword_found
 from fwm.trajectories.policies import Policy, entity_type
 from fwm.trajectories.spoilers import (BlockRejected, BlockWriter, StepContext, check_block, contains_term,
                                        find_spoilers, spoiler_terms)
 
 WRITERS = ("rule", "teacher")
+ROADMAP_STYLES = ("action", "evidence")  # blocks.roadmap: how the rule writer's roadmap opens
 CONDITIONINGS = ("q", "v")  # blocks.confidence: Q(s_t, a_t) (after a_t) or V(s_t) (before a_t)
 _LETTERS = "ABCDEFGHIJ"  # chain positions; the knowledge world has at most 4 hops (5 entities)
 _EXPRESSION_RE = re.compile(r"^x = (.+)$", re.MULTILINE)
@@ -200,10 +206,13 @@ class RuleBlockWriter:
     max_keywords: int = 4
     future_start: str = "observation"
     entity_types: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    roadmap: str = "action"  # ROADMAP_STYLES: "evidence" quotes a_t's evidence sentence first (module docstring)
 
     def __post_init__(self):
         if self.future_start not in FUTURE_STARTS:
             raise ValueError(f"RuleBlockWriter.future_start must be one of {FUTURE_STARTS}, got {self.future_start!r}")
+        if self.roadmap not in ROADMAP_STYLES:
+            raise ValueError(f"RuleBlockWriter.roadmap must be one of {ROADMAP_STYLES}, got {self.roadmap!r}")
 
     def __call__(self, context: StepContext, confidence: int, forbidden: Sequence[str]) -> WorldModelBlock:
         confidence = check_confidence(confidence)
@@ -215,9 +224,21 @@ class RuleBlockWriter:
         else:
             raise BlockRejected(f"task {context.task.id}: the rule writer knows the synthetic worlds 'knowledge' "
                                 f"and 'arithmetic', not metadata world {world!r}")
+        if self.roadmap == "evidence":
+            roadmap = self._quote_evidence(context, roadmap)
         keywords = grounded_keywords(candidates, context, forbidden, self.max_keywords, self.future_start)
         block = WorldModelBlock(roadmap=roadmap, keywords=keywords, analysis=analysis, confidence=confidence)
         return check_block(block, forbidden)
+
+    @staticmethod
+    def _quote_evidence(context: StepContext, roadmap: str) -> str:
+        """The roadmap after the sentence of an earlier observation that a_t's argument was read from
+        (unchanged for a malformed step, a program, or an argument no earlier observation names)."""
+        action = context.actions[context.step]
+        if action is None or action.kind == "python":
+            return roadmap
+        evidence = evidence_sentence(action.argument, [observation for _, observation in context.past])
+        return roadmap if evidence is None else f"{evidence} {roadmap}"
 
     def _knowledge(self, context: StepContext, forbidden: Sequence[str]) -> tuple[str, list[str | None], str]:
         task, past, step = context.task, context.past, context.step
@@ -339,11 +360,14 @@ class RuleBlockWriter:
 
 
 def make_block_writer(name: str, teacher_config: Mapping[str, Any] | None = None, *, future_start: str = "observation",
-                      entity_types: Mapping[str, str] | None = None) -> BlockWriter:
+                      entity_types: Mapping[str, str] | None = None, roadmap: str = "action") -> BlockWriter:
     """'rule' -> RuleBlockWriter; 'teacher' -> TeacherBlockWriter.from_config(teacher_config) (imported only then:
-    it needs an endpoint). Both ground their keywords in what follows from `future_start`."""
+    it needs an endpoint). Both ground their keywords in what follows from `future_start`; `roadmap` (the rule
+    writer's ROADMAP_STYLES) must stay "action" for the teacher, which words its roadmap itself."""
+    if name == "teacher" and roadmap != "action":
+        raise ValueError(f"roadmap style {roadmap!r} is the rule writer's; the teacher writes its own roadmap")
     if name == "rule":
-        return RuleBlockWriter(future_start=future_start, entity_types=dict(entity_types or {}))
+        return RuleBlockWriter(future_start=future_start, entity_types=dict(entity_types or {}), roadmap=roadmap)
     if name == "teacher":
         from fwm.trajectories.teacher import TeacherBlockWriter
 
@@ -410,6 +434,7 @@ class BlockJob:
     conditioning: str = "q"  # blocks.confidence
     future_start: str = "observation"  # blocks.future_start
     entity_types: Mapping[str, str] = dataclasses.field(default_factory=dict)  # name -> type (rule writer)
+    roadmap: str = "action"  # blocks.roadmap (rule writer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -447,7 +472,7 @@ def annotate_chunk(job: BlockJob, items: Sequence[BlockItem]) -> list[AnnotatedI
     """Annotates one chunk of trajectories (in a worker, which builds its own env and writer)."""
     env = make_env(job.env)
     writer = make_block_writer(job.writer, job.teacher_config, future_start=job.future_start,
-                               entity_types=job.entity_types)
+                               entity_types=job.entity_types, roadmap=job.roadmap)
     out = []
     for item in items:
         row = item.trajectory

@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -49,7 +48,7 @@ from fwm.schema import (ANSWER, OBSERVATION_TAG_FOR_ACTION, VARIANTS, Action, St
                         neutralize_tags, render_action, render_observation, render_prompt,
                         render_response, render_world_model)
 from fwm.trajectories.collect import derive_seed, succeeded
-from fwm.trajectories.future import contains_term
+from fwm.trajectories.evidence import evidence_sentence
 
 IWM_TRAINED_ROLES = ("observation",)
 Segment = tuple[str, str]
@@ -93,26 +92,6 @@ def renderable(row: Mapping[str, Any]) -> bool:
 
 # ---------------------------------------------------------------------------------------------- text
 THINK_STYLES = ("action", "evidence")
-_DOC_PREFIX_RE = re.compile(r"^\s*Doc \d+\s*\(Title:[^)]*\)\s*")
-_SENTENCE_END_RE = re.compile(r"(?<=[.!?])\s+|\n+")
-MAX_EVIDENCE_CHARS = 300  # a longer sentence is not quoted (the think would crowd out the history)
-
-
-def evidence_sentence(argument: str, observations: Sequence[str]) -> str | None:
-    """The sentence that an action's argument was read from: in the latest of `observations` that names
-    `argument` (normalised, at word boundaries: fwm.trajectories.future.contains_term), its first sentence
-    naming it, without a passage's "Doc N(Title: ...)" prefix. None when no earlier observation names it
-    (e.g. a first search, whose argument comes from the question) or the sentence is longer than
-    MAX_EVIDENCE_CHARS."""
-    for observation in reversed(observations):
-        if not contains_term(observation, argument):
-            continue
-        for sentence in _SENTENCE_END_RE.split(observation):
-            sentence = _DOC_PREFIX_RE.sub("", sentence).strip()
-            if sentence and contains_term(sentence, argument):
-                return sentence if len(sentence) <= MAX_EVIDENCE_CHARS else None
-        return None
-    return None
 
 
 def think_text(action: Action, observations: Sequence[str] = (), style: str = "action") -> str:

@@ -122,6 +122,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.blocks.mc_k = 8                        # Monte Carlo continuations per block
     c.blocks.confidence = "q"                # q: Q(s_t, a_t), continuations after a_t | v: V(s_t), before a_t
     c.blocks.future_start = "observation"    # keywords count as grounded in what follows from: observation | action
+    c.blocks.roadmap = "action"              # rule writer: "action" | "evidence" (the roadmap first quotes the earlier
+    #                                          observation's sentence that a_t's argument was read from)
     c.blocks.teacher = ml_collections.ConfigDict(dict(
         base_url="http://localhost:8000/v1", model="", api_key_env="", temperature=0.0, max_tokens=512,
         timeout_s=60.0, max_retries=3, backoff_s=1.0, cache_dir="", retry_with_feedback=True,
@@ -208,7 +210,11 @@ def validate_data_config(config: ml_collections.ConfigDict) -> ml_collections.Co
              f"one of {blocks_lib.CONDITIONINGS} (Q(s_t, a_t) or V(s_t))", c.blocks.confidence)
     _require(c.blocks.future_start in FUTURE_STARTS, "blocks.future_start", f"one of {FUTURE_STARTS}",
              c.blocks.future_start)
+    _require(c.blocks.roadmap in blocks_lib.ROADMAP_STYLES, "blocks.roadmap", f"one of {blocks_lib.ROADMAP_STYLES}",
+             c.blocks.roadmap)
     if c.blocks.writer == "teacher":
+        _require(c.blocks.roadmap == "action", "blocks.roadmap", "'action' with blocks.writer=teacher (the teacher "
+                 "words its own roadmap)", c.blocks.roadmap)
         _require(bool(c.blocks.teacher.model.strip()), "blocks.teacher.model", "the teacher's model name",
                  c.blocks.teacher.model)
     _check_policy_list("corpora.mid_train_policies", c.corpora.mid_train_policies, c.collect.policies)
@@ -425,7 +431,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     blocks_dir = os.path.join(workdir, "blocks")
     teacher = c.blocks.teacher.to_dict() if c.blocks.writer == "teacher" else {}
     blocks_fp = _fingerprint("blocks", collect_fp, c.blocks.writer, c.blocks.share, c.blocks.mc_k, teacher,
-                             c.blocks.confidence, c.blocks.future_start, c.corpora.mid_train_policies,
+                             c.blocks.confidence, c.blocks.future_start, c.blocks.roadmap, c.corpora.mid_train_policies,
                              c.corpora.sft_policies)
     if teacher and not teacher["cache_dir"]:  # paid replies survive a crashed or repeated run
         teacher["cache_dir"] = os.path.join(workdir, "teacher_cache")
@@ -441,7 +447,7 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
         items = [item for item in items if item.steps]
         job = blocks_lib.BlockJob(spec, policies, c.blocks.writer, teacher, c.seed, c.blocks.mc_k, world.entity_names,
                                   conditioning=c.blocks.confidence, future_start=c.blocks.future_start,
-                                  entity_types=world.entity_types)
+                                  entity_types=world.entity_types, roadmap=c.blocks.roadmap)
         per_item = collect_lib.map_chunks(blocks_lib.annotate_chunk, job, items, workers=c.workers,
                                           chunk_size=max(1, c.chunk_size // 4), desc="blocks", unit="trajectory",
                                           progress=c.progress)
