@@ -1,5 +1,5 @@
 """The paper's search setting at its scale: Qwen2.5-3B (a Hugging Face directory) through WM-AMT, FE-SFT and
-FC-RL on Search-R1 data with the Search-R1 retrieval server, on a TPU v4-32, a TPU v5e-64 (v5e-8 for RL)
+FC-RL on Search-R1 data with the Search-R1 retrieval server, on a TPU v4-32, a TPU v5e-64, a TPU v5e-8
 or one 8-GPU host.
 
   fwm train --config experiments/paper_qwen3b_search.py:mid_train,v5e_64 --workdir $RUNS/mid_wm
@@ -20,8 +20,10 @@ records of Search-R1 training trajectories with world-model blocks (mid_train_wm
 same without blocks), FE-SFT step samples (sft_full) and RL task records {"id", "question", "answers"}
 (rl_tasks.jsonl, from Search-R1's NQ + HotpotQA train split: fwm.envs.readers.read_search_r1).
 
-Stage 'rl' runs in ONE process (fwm/rl/loop.py refuses more: multi-host rollouts are not implemented), so
-RL takes a single-host machine: v5e_8 (one host, 8 chips) or gpu8; rl with v4_32 / v5e_64 is a ConfigError.
+Stage 'rl' runs on every machine: on a pod each host runs the episodes of its share of the rollout (whole
+groups of its own tasks; fwm/rl/loop.py), so rl.rollout_batch (80 on the TPUs) is a multiple of hosts x
+group_size (v5e_64: 16 hosts x 5). The rl memory lines below are for v5e_8 and gpu8; on v4_32 / v5e_64 the
+update's state is spread over fsdp 16 and each device holds fewer rows.
 
 Model (Qwen2.5-3B config.json): vocab V = 151,936 (tied), D = 2048, 36 layers, 16 query / 2 KV heads of
 128, MLP 11,008, QKV bias. Parameters: embedding V*D = 311.2M; per layer q,o 2*2048*2048 + k,v 2*2048*256
@@ -95,9 +97,6 @@ def get_config(arg=None, where="experiments/paper_qwen3b_search.py"):
         raise ConfigError(f"{where}: pick one stage of {STAGES} and one machine of {tuple(HARDWARE)}, got {arg!r}")
     stage, machine = stages[0], machines[0]
     hardware = HARDWARE[machine]
-    if stage == "rl" and hardware["hosts"] > 1:
-        raise ConfigError(f"{where}: stage rl runs in one process (multi-host rollouts are not implemented); "
-                          f"{machine} has {hardware['hosts']} hosts: use v5e_8 or gpu8")
     c = default_config()
     c.stage = stage
     c.init.source = f"hf:{MODEL_DIR}"  # WM-AMT starts from the base model; later stages from RUNS (below)

@@ -145,7 +145,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl = ml_collections.ConfigDict()
     c.rl.variant = "full"                      # response variant the policy writes (schema.VARIANTS)
     c.rl.group_size = 5                        # G episodes per task (Search-R1: 5)
-    c.rl.rollout_batch = 40                    # episodes per rollout (a multiple of group_size)
+    c.rl.rollout_batch = 40                    # global episodes per rollout (a multiple of group_size x processes)
     c.rl.max_turns = 4                         # steps per episode before the turn budget ends it (score 0)
     c.rl.max_new_tokens = 256                  # sampled tokens per step response
     c.rl.temperature = 1.0

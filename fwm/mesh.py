@@ -168,6 +168,29 @@ def place_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict[str, 
     return out
 
 
+def process_reduce(values: Any, reduce: Any = np.max) -> np.ndarray:
+    """`reduce` (np.max, np.sum, ...) of `values` over processes, elementwise: what every process must agree
+    on before a collective (shapes, call counts). One process: `values` as they are, without a collective.
+    The exchange goes through jax, so float64 arrives as float32 (x64 off): keep exact counts in ints."""
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    return np.asarray(reduce(multihost_utils.process_allgather(values), axis=0))
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a row-sharded global array, on the host: the inverse of `place_batch`
+    (jax.device_get refuses an array other processes hold parts of). One process: the whole array."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    shards: dict[int, Any] = {}
+    for shard in x.addressable_shards:  # replicas over the other mesh axes repeat a row block: keep one
+        shards.setdefault(shard.index[0].start or 0, shard.data)
+    return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
+
+
 # Environment variables of a multi-process run (launch/tpu_vm.sh exports FWM_DISTRIBUTED=1 on every worker;
 # on TPU VMs, SLURM and GKE jax finds the coordinator, process count and index itself).
 DISTRIBUTED_ENV = "FWM_DISTRIBUTED"

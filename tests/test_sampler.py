@@ -122,3 +122,14 @@ def test_bad_arguments_are_errors(params):
         sampler.generate(CFG, params, [[1, CFG.vocab_size]], max_new_tokens=2)
     with pytest.raises(ValueError, match="empty"):
         sampler.generate(CFG, params, [[]], max_new_tokens=2)
+
+
+def test_a_key_per_prompt_makes_a_continuation_independent_of_its_batch(params):
+    prompts = _prompts(np.random.default_rng(5), [4, 11, 7])
+    keys = jax.vmap(jax.random.key)(np.asarray([10, 11, 12], np.int32))
+    together = sampler.generate(CFG, params, prompts, max_new_tokens=6, temperature=1.0, rng=keys)
+    alone = sampler.generate(CFG, params, prompts[1:2], max_new_tokens=6, temperature=1.0, rng=keys[1:2])
+    assert alone[0].tokens == together[1].tokens
+    np.testing.assert_allclose(alone[0].logprobs, together[1].logprobs, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one key per prompt"):
+        sampler.generate(CFG, params, prompts, max_new_tokens=2, temperature=1.0, rng=keys[:2])

@@ -29,12 +29,18 @@
 - The tokenizer must exist (tokenizer.path, else WORKDIR/tokenizer.model): the one the SFT checkpoint
   was trained with.
 - Search: a BM25 index (rl.index_dir) or a Search-R1 retrieval server (rl.retriever_url).
-Not here yet: multi-host rollouts. The loop refuses more than one process (a ConfigError at start-up):
-the sampler places host prompts as if every process held the same ones, the episode loop runs a
-per-process number of sampler calls, and the mini-batch row counts are per process. What it needs: each
-process samples its own tasks' groups (rl_pipeline already shards tasks by process) with prompts placed
-by make_array_from_process_local_data, sampler calls padded to a shape and count agreed across
-processes, rollout metrics averaged over processes, and mini-batch rows padded to the largest process's.
+- Several processes (train.distributed / FWM_DISTRIBUTED=1; the mesh spans every process's devices):
+  rl.rollout_batch stays the global episode count and each process runs the environments of its share,
+  whole groups of its own tasks (rl_pipeline shards tasks by process), so rewards and advantages, which
+  are per group, need nothing from the other processes. What is collective: the sampler calls (every
+  process decodes its rows of one global batch; the processes agree on the prompt bucket, the rows per
+  process and the number of calls, a process out of live episodes sending none: `generate`,
+  `ModelPolicy`, `run_episodes`), the mini-batches (the same count and shape on every process, each
+  process's rows placed into the global batch by `place_batch`; a process short of step samples pads)
+  and the rollout metrics (sums and counts added over processes). Process 0 alone writes metrics.jsonl
+  and TensorBoard; every process saves its part of the checkpoint (and its own task position).
+  Mini-batches are drawn per process: with rl.mini_batches > 1 a global mini-batch holds another
+  (equally random) set of step samples than one process with all the devices would draw.
 """
 from __future__ import annotations
 
@@ -53,7 +59,7 @@ from fwm.config import ConfigError, validate
 from fwm.data.pipelines import rl_pipeline
 from fwm.envs.base import Task
 from fwm.envs.retrievers import HTTPRetriever
-from fwm.mesh import initialize_distributed, make_mesh, place_batch
+from fwm.mesh import initialize_distributed, make_mesh, place_batch, process_reduce
 from fwm.model import transformer
 from fwm.rl import rollout_data
 from fwm.rl.losses import REF_KEY
@@ -129,12 +135,13 @@ def rl_iteration(state: TrainState, tasks: Sequence[Task], iteration: int, *, co
     rewards, advantages = rollout_data.rollout_advantages(episodes, rl)
     clock = _lap(timings, "reward_s", clock)
     samples = rollout_data.step_samples(episodes, advantages)
-    # Rows: a multiple of the data-parallel size (each replica gets whole rows) times the micro-batches.
-    row_multiple = int(mesh.shape["data"] * mesh.shape["fsdp"] * config.optim.micro_batches)
-    batches = rollout_data.mini_batches(samples, int(rl.mini_batches),
-                                        np.random.default_rng(derive_seed(seed, "rl/mini_batches", iteration)),
-                                        row_multiple=row_multiple, max_seq_len=model_cfg.max_seq_len,
-                                        pad_id=tokenizer.pad_id, pack=bool(rl.pack))
+    # Rows: a multiple of the data-parallel size (each replica gets whole rows) times the micro-batches,
+    # of which this process holds its share (run() checks that the data-parallel size splits over processes).
+    row_multiple = int(mesh.shape["data"] * mesh.shape["fsdp"] * config.optim.micro_batches) // jax.process_count()
+    mini_batch_rng = np.random.default_rng(derive_seed(seed, "rl/mini_batches", iteration))
+    batches = rollout_data.mini_batches(samples, int(rl.mini_batches), mini_batch_rng, row_multiple=row_multiple,
+                                        max_seq_len=model_cfg.max_seq_len, pad_id=tokenizer.pad_id,
+                                        pack=bool(rl.pack), agree=process_reduce)
     placed, gaps = [], []
     for batch in batches:  # every mini-batch scored by the policy before the first update
         on_device = place_batch(mesh, batch)
@@ -155,8 +162,9 @@ def rl_iteration(state: TrainState, tasks: Sequence[Task], iteration: int, *, co
     if timings is not None:
         jax.block_until_ready(state)  # dispatch is asynchronous: the update ends when the state exists
         _lap(timings, "update_s", clock)
-    record = rollout_data.rollout_metrics(episodes, rewards, advantages)
-    record.update(step_samples=float(len(samples)), mini_batches=float(len(placed)))
+    record = rollout_data.rollout_metrics(episodes, rewards, advantages,
+                                          total=lambda values: process_reduce(values, np.sum))
+    record.update(step_samples=float(process_reduce(len(samples), np.sum)), mini_batches=float(len(placed)))
     if gaps:  # measured only where old log-probs are recomputed
         record["sampler_logprob_gap"] = float(np.mean(jax.device_get(gaps)))
     if history:
@@ -177,24 +185,29 @@ def _reference_params(config: ml_collections.ConfigDict, model_cfg: transformer.
 def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """Trains FC-RL in config.train.workdir until state.step reaches config.train.steps."""
     validate(config)
-    if initialize_distributed(bool(config.train.distributed)) and jax.process_count() > 1:
-        raise ConfigError("stage 'rl' runs in one process only (train.distributed / FWM_DISTRIBUTED=1 started "
-                          f"{jax.process_count()}): multi-host rollouts are not implemented -- every process would "
-                          "sample its own episodes into a batch the others do not share. Use one host (its "
-                          "devices all take part through the mesh)")
+    initialize_distributed(bool(config.train.distributed))
     rl, workdir = config.rl, config.train.workdir
+    processes = jax.process_count()
+    if int(rl.rollout_batch) % (processes * int(rl.group_size)):
+        raise ConfigError(f"config key 'rl.rollout_batch': {rl.rollout_batch} episodes do not split into whole groups "
+                          f"of rl.group_size={rl.group_size} over {processes} processes (each process runs whole "
+                          f"groups of its own tasks); expected a multiple of {processes * int(rl.group_size)}")
     if not workdir:
         raise ConfigError("config key 'train.workdir' is empty; pass --workdir DIR")
     os.makedirs(workdir, exist_ok=True)
     total_steps = int(config.train.steps)
     mesh = make_mesh(config.mesh.to_dict())
+    if (mesh.shape["data"] * mesh.shape["fsdp"]) % processes:
+        raise ConfigError(f"config keys 'mesh.data' x 'mesh.fsdp': the data-parallel size {mesh.shape['data']} x "
+                          f"{mesh.shape['fsdp']} does not split over {processes} processes; each process samples and "
+                          f"trains its own rows of the batch")
     tok_path = tokenizer_path(config)
     if not os.path.exists(tok_path):
         raise ConfigError(f"config key 'tokenizer.path': no tokenizer at {tok_path}; RL needs the tokenizer of the "
                           f"checkpoint it starts from")
     tokenizer = load_tokenizer(tok_path)
     new_tag_ids = tuple(getattr(tokenizer, "new_tag_ids", ()))
-    tasks = iter(rl_pipeline(list(config.data.train_files), batch_size=int(rl.rollout_batch),
+    tasks = iter(rl_pipeline(list(config.data.train_files), batch_size=int(rl.rollout_batch) // processes,
                              group_size=int(rl.group_size), seed=int(config.data.seed),
                              shuffle=bool(config.data.shuffle), on_bad_record=config.data.on_bad_record))
     tx = make_optimizer(config.optim, total_steps)

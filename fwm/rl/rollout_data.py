@@ -8,7 +8,7 @@ Everything here is host-side NumPy.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ml_collections
 import numpy as np
@@ -72,37 +72,58 @@ def bucket_rows(rows: int, multiple: int) -> int:
     return _round_up(bucket, multiple)
 
 
+def _same(values: np.ndarray) -> np.ndarray:
+    return values
+
+
 def mini_batches(samples: Sequence[StepSample], num_mini_batches: int, rng: np.random.Generator, *,
-                 row_multiple: int, max_seq_len: int, pad_id: int = 0, pack: bool = False) -> list[dict[str, np.ndarray]]:
+                 row_multiple: int, max_seq_len: int, pad_id: int = 0, pack: bool = False,
+                 agree: Callable[[np.ndarray], np.ndarray] = _same) -> list[dict[str, np.ndarray]]:
     """The samples shuffled and split into num_mini_batches near-equal mini-batches (fewer if there
     are fewer samples), each an rl_batch (one sample per row, or packed: `pack`).
 
     Shapes are bucketed to bound recompiles: the length is the next power of two of the longest sample
     (at most max_seq_len), the rows of the fullest mini-batch go to `bucket_rows` and a multiple of
     `row_multiple` (the data-parallel size times optim.micro_batches; extra rows are padding).
+
+    agree: with several processes, each holding its own samples, the elementwise maximum over processes
+    (fwm.mesh.process_reduce) of [mini-batches] and then of [length, rows]: every process then returns
+    the same number of mini-batches of one shape (a process short of samples pads with empty rows), the
+    parts of one global mini-batch each.
     """
-    if not samples:
-        return []
     order = rng.permutation(len(samples))
-    parts = [part for part in np.array_split(order, min(num_mini_batches, len(samples))) if len(part)]
+    count = int(agree(np.asarray([min(num_mini_batches, len(samples))]))[0])
+    if not count:
+        return []
+    parts = np.array_split(order, count)  # one process: never an empty part (count <= samples)
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-    seq_len = min(1 << max(0, max(lengths) - 1).bit_length(), max_seq_len)
+    seq_len = min(1 << max(0, max(lengths, default=1) - 1).bit_length(), max_seq_len)
     needed = max(len(first_fit_rows([lengths[k] for k in part], seq_len)) if pack else len(part) for part in parts)
+    seq_len, needed = (int(n) for n in agree(np.asarray([seq_len, needed])))
     rows = bucket_rows(needed, row_multiple)
     return [rl_batch([samples[k] for k in part], rows=rows, seq_len=seq_len, pad_id=pad_id, pack=pack)
             for part in parts]
 
 
-def rollout_metrics(episodes: Sequence[Episode], rewards: Sequence[EpisodeRewards],
-                    advantages: StepAdvantages) -> dict[str, float]:
+def rollout_metrics(episodes: Sequence[Episode], rewards: Sequence[EpisodeRewards], advantages: StepAdvantages,
+                    total: Callable[[np.ndarray], np.ndarray] = _same) -> dict[str, float]:
     """Means over the rollout's episodes (reward, outcome, correct, format adherence, steps, response
-    tokens) and steps (R_calib, R_ground, q, usable confidences, span advantages and their spread)."""
-    def mean(values) -> float:
+    tokens) and steps (R_calib, R_ground, q, usable confidences, span advantages and their spread).
+
+    total: with several processes, the sum over processes (fwm.mesh.process_reduce with np.sum) of a
+    (2, metrics) array of this process's sums and counts: the means are then over every process's
+    episodes and steps, weighted by their counts (processes' step counts differ)."""
+    sums: list[float] = []
+    counts: list[float] = []
+
+    def mean(values) -> int:  # records the sum and count; the index of its mean, computed below
         values = np.asarray(list(values), np.float64)
-        return float(values.mean()) if values.size else 0.0
+        sums.append(float(values.sum()))
+        counts.append(float(values.size))
+        return len(sums) - 1
 
     steps = [step for episode in episodes for step in episode.steps]
-    return {
+    index = {
         "reward": mean(r.reward for r in rewards),
         "outcome": mean(r.outcome for r in rewards),
         "correct": mean(r.correct for r in rewards),
@@ -110,10 +131,12 @@ def rollout_metrics(episodes: Sequence[Episode], rewards: Sequence[EpisodeReward
         "steps_per_episode": mean(len(e.steps) for e in episodes),
         "response_tokens": mean(len(s.response_ids) for s in steps),
         "truncated_responses": mean(not s.stopped for s in steps),
-        "r_calib": mean(np.concatenate([r.r_calib_T for r in rewards])) if rewards else 0.0,
-        "r_ground": mean(np.concatenate([r.r_ground_T for r in rewards])) if rewards else 0.0,
-        "q": mean(np.concatenate([r.q_T for r in rewards])) if rewards else 0.0,
-        "confidence_ok": mean(np.concatenate([r.confidence_ok_T for r in rewards])) if rewards else 0.0,
+        "r_calib": mean(np.concatenate([r.r_calib_T for r in rewards]) if rewards else ()),
+        "r_ground": mean(np.concatenate([r.r_ground_T for r in rewards]) if rewards else ()),
+        "q": mean(np.concatenate([r.q_T for r in rewards]) if rewards else ()),
+        "confidence_ok": mean(np.concatenate([r.confidence_ok_T for r in rewards]) if rewards else ()),
         "advantage_world_model_abs": mean(np.abs(advantages.world_model_N)),
         "advantage_policy_abs": mean(np.abs(advantages.policy_N)),
     }
+    sums_M, counts_M = total(np.asarray([sums, counts], np.float64))
+    return {name: float(sums_M[i] / counts_M[i]) if counts_M[i] else 0.0 for name, i in index.items()}

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from fwm import schema
 from fwm.envs.base import EpisodeRecord, Task
+from fwm.mesh import process_reduce
 from fwm.model.transformer import ModelConfig
 from fwm.rollout.envs import EnvPool
 from fwm.rollout.sampler import Sample, generate
@@ -101,8 +102,11 @@ Policy = Callable[[Sequence[StepRequest]], list[Sample]]
 @dataclasses.dataclass
 class ModelPolicy:
     """Samples responses with the model (fwm.rollout.sampler.generate), at most max_batch prompts a call
-    (0: all). With temperature > 0 the batch's jax key is derived from each episode's Generator, so runs
-    repeat exactly for the same slots and batch composition."""
+    (0: all). With temperature > 0 each request's jax key is drawn from its episode's Generator, so an
+    episode repeats exactly for the same slot, whatever batch (or process) it is sampled in.
+
+    Several processes: a collective call (see generate); every process makes as many sampler calls as
+    the one with most, with no prompts where it has run out."""
 
     cfg: ModelConfig
     params: Any
@@ -115,13 +119,14 @@ class ModelPolicy:
     max_batch: int = 0
 
     def __call__(self, requests: Sequence[StepRequest]) -> list[Sample]:
-        size = self.max_batch or len(requests)
+        size = self.max_batch or max(len(requests), 1)
+        calls = int(process_reduce(-(-len(requests) // size)))
         out: list[Sample] = []
-        for start in range(0, len(requests), size):
+        for start in range(0, calls * size, size):
             chunk = requests[start:start + size]
             rng = None
-            if self.temperature > 0:
-                rng = jax.random.key(derive_seed(*(int(r.rng.integers(2 ** 62)) for r in chunk)) % (2 ** 31))
+            if self.temperature > 0 and chunk:
+                rng = jax.vmap(jax.random.key)(np.asarray([r.rng.integers(2 ** 31) for r in chunk], np.int32))
             out += generate(self.cfg, self.params, [r.prompt_ids for r in chunk], self.max_new_tokens,
                             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                             stop_ids=self.stop_ids, rng=rng, mesh=self.mesh)
@@ -267,8 +272,10 @@ def run_episodes(slots: Sequence[EpisodeSlot], policy: Policy, pool: EnvPool, to
     rendered: list[list[tuple[str, str]]] = [[] for _ in slots]
     steps: list[list[StepRecord]] = [[] for _ in slots]
     live = list(range(len(slots)))
+    # Several processes: the policy's sampler calls are collective, so every process steps while any has
+    # a live episode (one with none sends no prompts). One process: `live` alone, no exchange.
     with tqdm(total=len(slots), desc=desc, unit="episode", disable=not progress, dynamic_ncols=True) as bar:
-        while live:
+        while process_reduce(len(live)) > 0:
             prompts = [prompt_ids(tokenizer, slots[i].task.question, rendered[i], options) for i in live]
             requests = [StepRequest(ids, slots[i].task, tuple(histories[i]), rngs[i]) for i, (ids, _) in zip(live, prompts)]
             samples = policy(requests)
@@ -278,7 +285,7 @@ def run_episodes(slots: Sequence[EpisodeSlot], policy: Policy, pool: EnvPool, to
             parsed = [schema.parse_response(text) for text, _ in decoded]
             ok = [schema.format_ok(p, options.variant) for p in parsed]
             actions = [p.action if (fine or not options.strict_actions) else None for p, fine in zip(parsed, ok)]
-            results = pool.step([envs[i] for i in live], actions)
+            results = pool.step([envs[i] for i in live], actions) if live else []
             still = []
             for j, i in enumerate(live):
                 observation, done, info = results[j]

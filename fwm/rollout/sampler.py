@@ -17,6 +17,12 @@ one program per (prompt bucket, batch bucket, max_new_tokens, sampling mode, sto
 top_p are traced values, so changing them does not recompile. The KV cache is created by a jitted
 initialiser with the cache's shardings and donated to prefill and to the decode loop (no copy).
 
+Every row samples with its own key (one key per prompt, or one key split per prompt), so a prompt's
+continuation does not depend on the other rows of its batch. With several processes `generate` is a
+collective call: each process brings its own prompts (or none) and gets their samples back; the
+processes agree on the prompt bucket and the rows per process, and each process's rows are placed into
+one global batch (fwm.mesh.place_batch) and read back from it (fwm.mesh.local_rows).
+
 The decode loop stops when every row has produced a stop id or max_new_tokens tokens. A prompt plus
 max_new_tokens longer than model.max_seq_len (the cache) is a ValueError, never a silent overwrite.
 """
@@ -32,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from fwm.mesh import batch_sharding, constrain, logical_to_sharding, make_mesh, replicated
+from fwm.mesh import constrain, local_rows, logical_to_sharding, make_mesh, place_batch, process_reduce, replicated
 from fwm.model import transformer
 
 MIN_PROMPT_BUCKET = 16
@@ -102,16 +108,18 @@ def _filter_logits(logits_BxV: jax.Array, temperature: jax.Array, top_p: jax.Arr
     return scaled
 
 
-def _sample(logits_BxV: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
+def _sample(logits_BxV: jax.Array, keys_B: jax.Array, temperature: jax.Array, top_p: jax.Array,
             mode: SamplingMode) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(tokens_B, raw log-probs_B, sampling log-probs_B) for one step."""
+    """(tokens_B, raw log-probs_B, sampling log-probs_B) for one step; row b draws with keys_B[b] only."""
     raw_logprobs_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
     if mode.greedy:
         tokens_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
         sampling_B = jnp.zeros(tokens_B.shape, jnp.float32)
     else:
         filtered_BxV = _filter_logits(logits_BxV, temperature, top_p, mode)
-        tokens_B = jax.random.categorical(key, filtered_BxV, axis=-1).astype(jnp.int32)
+        # One key per row: a row's tokens do not depend on the rows beside it (batch size, padding,
+        # which process holds it), so an episode samples the same continuation in any batch.
+        tokens_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BxV).astype(jnp.int32)
         sampling_B = jnp.take_along_axis(jax.nn.log_softmax(filtered_BxV, axis=-1), tokens_B[:, None], axis=-1)[:, 0]
     raw_B = jnp.take_along_axis(raw_logprobs_BxV, tokens_B[:, None], axis=-1)[:, 0]
     return tokens_B, raw_B, sampling_B
@@ -148,18 +156,20 @@ class _LoopState(NamedTuple):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
 def _decode(cfg: transformer.ModelConfig, mode: SamplingMode, max_new: int, stop_ids: tuple[int, ...], params: dict,
-            cache: transformer.KVCache, logits_BxV: jax.Array, positions_B: jax.Array, key: jax.Array,
+            cache: transformer.KVCache, logits_BxV: jax.Array, positions_B: jax.Array, key_data_BxK: jax.Array,
             temperature: jax.Array, top_p: jax.Array, row_live_B: jax.Array):
-    """Samples up to max_new tokens per row; rows that stopped keep stepping (masked) until all have."""
+    """Samples up to max_new tokens per row (row b from the key whose data is key_data_BxK[b]); rows that
+    stopped keep stepping (masked) until all have."""
     b = logits_BxV.shape[0]
+    keys_B = jax.random.wrap_key_data(key_data_BxK)
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
 
     def cond(state: _LoopState) -> jax.Array:
         return (state.step < max_new) & ~jnp.all(state.done_B)
 
     def body(state: _LoopState) -> _LoopState:
-        tokens_B, raw_B, sampling_B = _sample(state.logits_BxV, jax.random.fold_in(key, state.step), temperature,
-                                              top_p, mode)
+        step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, state.step)
+        tokens_B, raw_B, sampling_B = _sample(state.logits_BxV, step_keys_B, temperature, top_p, mode)
         live_B = ~state.done_B
         tokens_B = jnp.where(live_B, tokens_B, 0)
         column = lambda array, values: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
@@ -194,7 +204,7 @@ def compiled_programs() -> dict[str, int]:
 # ------------------------------------------------------------------------------------------- public
 def _check_arguments(cfg: transformer.ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                      temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not prompts:
+    if not prompts and jax.process_count() == 1:  # several processes: this one may have none this call
         raise ValueError("generate: no prompts")
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
@@ -213,24 +223,50 @@ def _check_arguments(cfg: transformer.ModelConfig, prompts: Sequence[Sequence[in
         raise ValueError(f"generate: top_p must be None or in (0, 1], got {top_p}")
 
 
+def _row_key_data(rng: jax.Array | None, rows: int, num_prompts: int) -> np.ndarray:
+    """The raw data of one key per row (rows x key size), padding rows after the prompts' keys.
+    rng: one key (split into a key per prompt) or a key per prompt (shape (num_prompts,)); None: greedy."""
+    if rng is None:
+        rng = jax.random.key(0)  # greedy decoding draws nothing; the rows still need a key each
+    if rng.shape == ():
+        rng = jax.random.split(rng, num_prompts)
+    if rng.shape != (num_prompts,):
+        raise ValueError(f"generate: rng must be one key or one key per prompt ({num_prompts}), got shape {rng.shape}")
+    data = np.asarray(jax.random.key_data(rng))
+    return np.concatenate([data, np.zeros((rows - num_prompts,) + data.shape[1:], data.dtype)])
+
+
 def generate(cfg: transformer.ModelConfig, params: dict, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              stop_ids: Sequence[int] = (), rng: jax.Array | None = None, mesh: Mesh | None = None) -> list[Sample]:
     """Continuations of `prompts` (lists of token ids, BOS first); one Sample per prompt, in order.
 
-    temperature 0 is greedy (top_k, top_p and rng are then ignored); otherwise rng (a jax key) is
-    required. mesh: where to run (default: every device on the data axis); params are placed on it by
-    fwm.mesh's rules (a no-op when they already are).
+    temperature 0 is greedy (top_k, top_p and rng are then ignored); otherwise rng is required: one jax
+    key (split into one per prompt) or a key array with one key per prompt (a prompt's continuation then
+    depends on its key alone, not on the batch it is in). mesh: where to run (default: every device on
+    the data axis); params are placed on it by fwm.mesh's rules (a no-op when they already are).
+
+    Several processes (a mesh over every process's devices): a collective call. Every process passes
+    its own prompts (possibly none) and gets their samples; the processes agree on the prompt bucket
+    and the rows per process (the largest process's), so all run the same programs on one global
+    batch, this process's rows placed by fwm.mesh.place_batch. Each process must call generate as often
+    as the others.
     """
     _check_arguments(cfg, prompts, max_new_tokens, temperature, top_k, top_p)
     greedy = temperature == 0.0
-    if not greedy and rng is None:
+    if not greedy and rng is None and prompts:
         raise ValueError("generate: sampling with temperature > 0 needs rng (a jax.random key)")
     mode = SamplingMode(greedy, None if greedy else top_k, (not greedy) and top_p is not None and top_p < 1.0)
     mesh = mesh if mesh is not None else make_mesh()
-    longest = max(len(p) for p in prompts)
+    processes = jax.process_count()
+    # One process: its own sizes. Several: the largest process's (an empty process has longest 1: BOS).
+    longest, count = (int(n) for n in process_reduce([max((len(p) for p in prompts), default=1), len(prompts)]))
     length = prompt_bucket(longest, max_new_tokens, cfg.max_seq_len)
-    batch = batch_bucket(len(prompts), data_parallel_size(mesh))
+    data_parallel = data_parallel_size(mesh)
+    if data_parallel % processes:
+        raise ValueError(f"generate: the mesh's data-parallel size {data_parallel} (data x fsdp) does not split "
+                         f"over {processes} processes; each process decodes its own rows")
+    batch = batch_bucket(count, data_parallel // processes)  # this process's rows
 
     tokens_BxL = np.zeros((batch, length), np.int32)
     valid_BxL = np.zeros((batch, length), bool)
@@ -239,6 +275,7 @@ def generate(cfg: transformer.ModelConfig, params: dict, prompts: Sequence[Seque
         valid_BxL[row, length - len(prompt):] = True
     row_live_B = np.arange(batch) < len(prompts)
     valid_BxL[~row_live_B, -1] = True  # padding rows hold one dummy token so their attention is not empty
+    key_data_BxK = _row_key_data(rng, batch, len(prompts))
 
     with jax.set_mesh(mesh), warnings.catch_warnings():
         # CPU backends cannot donate; the cache is then copied, which is correct, just not free.
@@ -246,17 +283,16 @@ def generate(cfg: transformer.ModelConfig, params: dict, prompts: Sequence[Seque
         # Parameters by the training rules (fsdp / tensor): no second layout to keep in memory or to convert.
         # Prompt rows over (data, fsdp) like a training batch: decoding is data-parallel over rows.
         params = jax.device_put(params, _param_shardings(cfg, mesh))
-        cache = _init_cache(cfg, batch, length + max_new_tokens)
-        place = lambda x: jax.device_put(x, batch_sharding(mesh, x.shape))  # noqa: E731
-        logits_BxV, cache, positions_B = _prefill(cfg, params, cache, place(tokens_BxL), place(valid_BxL))
-        key = rng if rng is not None else jax.random.key(0)  # unused by greedy decoding
-        # The key and the sampling scalars are replicated: every shard samples its rows from the same stream.
+        rows = place_batch(mesh, {"tokens": tokens_BxL, "valid": valid_BxL, "keys": key_data_BxK, "live": row_live_B})
+        cache = _init_cache(cfg, batch * processes, length + max_new_tokens)
+        logits_BxV, cache, positions_B = _prefill(cfg, params, cache, rows["tokens"], rows["valid"])
+        # The sampling scalars are replicated (host values: every process puts the same); the keys go with their rows.
         outputs = _decode(cfg, mode, int(max_new_tokens), tuple(sorted({int(i) for i in stop_ids})), params, cache,
-                          logits_BxV, positions_B, jax.device_put(key, replicated(mesh)),
-                          jax.device_put(jnp.float32(max(temperature, 1e-6)), replicated(mesh)),
-                          jax.device_put(jnp.float32(top_p if top_p is not None else 1.0), replicated(mesh)),
-                          place(row_live_B))
-    tokens_BxN, logprobs_BxN, sampling_BxN, lengths_B, done_B = (np.asarray(x) for x in jax.device_get(outputs))
+                          logits_BxV, positions_B, rows["keys"],
+                          jax.device_put(np.float32(max(temperature, 1e-6)), replicated(mesh)),
+                          jax.device_put(np.float32(top_p if top_p is not None else 1.0), replicated(mesh)),
+                          rows["live"])
+    tokens_BxN, logprobs_BxN, sampling_BxN, lengths_B, done_B = (local_rows(x) for x in outputs)
     return [Sample(tokens=tokens_BxN[row, :lengths_B[row]].tolist(),
                    logprobs=logprobs_BxN[row, :lengths_B[row]].tolist(),
                    sampling_logprobs=sampling_BxN[row, :lengths_B[row]].tolist(),
