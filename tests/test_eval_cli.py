@@ -47,7 +47,7 @@ def test_fwm_eval_end_to_end_on_a_random_model(tmp_path):
     assert greedy["turns"] == 3.0 and greedy["score"] == 0.0 and "pass@2" in sampled
     assert results["constant_answer"]["all"]["exact_match"]["value"] > 0
     assert results["greedy"]["gold_chain"]["episodes"] == 3
-    _check_world_model_keys(results)
+    _check_world_model_keys(results, out)
     assert isinstance(sampled["selected@2"], float) and 0.0 <= sampled["selected@2"] <= 1.0
     page = (out / "eval.md").read_text()
     assert "| all | 3 |" in page and "mean@2" in page and "Best constant answers" in page
@@ -71,7 +71,7 @@ def _is_number_or_undefined(value):
     return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
-def _check_world_model_keys(results):
+def _check_world_model_keys(results, out):
     """The world-model keys of each run mode exist and hold numbers (None only where undefined)."""
     for mode in ("greedy", "sampled"):
         run = results[mode]
@@ -92,8 +92,15 @@ def _check_world_model_keys(results):
         assert _is_number_or_undefined(run["planning_horizon"]["largest_offset_at_half"])
         assert isinstance(run["planning_horizon"]["by_offset"], list)
         recovery = run["recovery"]
-        assert recovery["episodes"] == episodes  # random text: every episode has a malformed step, none succeeds
-        assert recovery["rate"] == 0.0 and recovery["share"] == 1.0 and recovery["unproductive_steps"] > 0
+        # Random text: nearly every episode has a step without an action (an unproductive one); a random model
+        # can still write a parsable action (tag pieces are single tokens), so count them from the episodes.
+        rows = [row for _, row in read_jsonl(out / f"episodes_{mode}.jsonl")]
+        malformed = sum(any(step["action"] is None for step in row["steps"]) for row in rows)  # no action
+        assert 0 < malformed <= recovery["episodes"] <= episodes
+        steps = [step for row in rows for step in row["steps"]]
+        assert recovery["rate"] == 0.0  # none succeeds
+        assert recovery["unproductive_steps"] >= sum(step["action"] is None for step in steps) / len(steps) > 0  # a share
+        assert recovery["share"] == recovery["episodes"] / episodes
         curve = run["risk_coverage"]
         assert [row["threshold"] for row in curve] == [i / 10 for i in range(11)]
         assert all(0.0 <= row["coverage"] <= 1.0 and _is_number_or_undefined(row["accuracy"]) for row in curve)
