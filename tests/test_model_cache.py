@@ -35,3 +35,21 @@ def test_extend_past_the_cache_under_jit_gives_nan_logits_not_wrong_ones():
     assert int(T.cache_room(cache)) == 0
     logits, _ = step(params, cache, tokens, pos + 3)
     assert np.isnan(np.asarray(logits)).all()
+
+
+def test_prefill_reads_no_cached_slot_and_refuses_a_cache_in_use():
+    params = T.init_params(CFG, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 5), 0, CFG.vocab_size)
+    fresh = T.init_cache(CFG, 2, 8)
+    # Garbage in the slots of a fresh-index cache changes nothing: prefill attends to the new keys only.
+    dirty = fresh._replace(k=fresh.k + 7.0, v=fresh.v - 3.0, segment_ids_BxS=jnp.ones_like(fresh.segment_ids_BxS))
+    clean_logits, _, _ = T.prefill(CFG, params, fresh, tokens)
+    dirty_logits, _, _ = T.prefill(CFG, params, dirty, tokens)
+    np.testing.assert_array_equal(np.asarray(clean_logits), np.asarray(dirty_logits))
+    # The same tokens through extend, reading the (empty) cached part, give the same logits.
+    positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    read_logits, _ = T.extend(CFG, params, fresh, tokens, positions, jnp.ones((2, 5), bool))
+    np.testing.assert_allclose(np.asarray(read_logits), np.asarray(clean_logits), atol=1e-6, rtol=1e-6)
+    _, used, _ = T.prefill(CFG, params, fresh, tokens[:, :2])
+    with pytest.raises(ValueError, match=r"empty_cache=True but the cache index is 2"):
+        T.prefill(CFG, params, used, tokens[:, :2])

@@ -167,7 +167,11 @@ def attention_mask(q_seg_BxL, q_slot_BxL, k_seg_BxS, k_slot_S) -> jax.Array:
 
 
 class Attention(nn.Module):
+    """empty_cache: the cache holds nothing before this call (a prefill), so only the L new keys are
+    attended to; the cached part would be fully masked and cost L x S scores (and their memory) for nothing."""
+
     cfg: ModelConfig
+    empty_cache: bool = False
 
     def _proj(self, name: str, features: int, out_axis: str, bias: bool) -> nn.Dense:
         cfg = self.cfg
@@ -212,9 +216,9 @@ class Attention(nn.Module):
             # numbers whether a key was written this call or an earlier one.
             # The cache is [B, K, S, Dh] (heads before slots): the layout the batched attention matmuls
             # read directly; [B, S, K, Dh] made XLA transpose-copy the whole cache every layer and token.
-            parts = [(cache_k.astype(q.dtype), cache_v.astype(q.dtype), cached_BxLxS),
-                     (new_kv[0].astype(q.dtype), new_kv[1].astype(q.dtype),
-                      attention_mask(q_seg_BxL, q_slot_BxL, new_seg_BxL, new_slots_L))]
+            parts = [(cache_k.astype(q.dtype), cache_v.astype(q.dtype), cached_BxLxS)] * (not self.empty_cache) + [
+                (new_kv[0].astype(q.dtype), new_kv[1].astype(q.dtype),
+                 attention_mask(q_seg_BxL, q_slot_BxL, new_seg_BxL, new_slots_L))]
         # One softmax over the concatenated key parts (cached slots, then new ones): the same result as
         # attending over one buffer holding both, without building that buffer.
         scores = jnp.concatenate([
@@ -257,13 +261,14 @@ class DecoderBlock(nn.Module):
     only) and the per-layer ys the new tokens' keys and values."""
 
     cfg: ModelConfig
+    empty_cache: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD, layer_cache, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, cache_start):
         cfg = self.cfg
         kv = None if layer_cache is None else (layer_cache[0], layer_cache[1], cache_start)
         normed = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name="attn_norm")(x_BxLxD)
-        attn_out, new_kv = Attention(cfg, name="attn")(normed, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, kv)
+        attn_out, new_kv = Attention(cfg, self.empty_cache, name="attn")(normed, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, kv)
         x_BxLxD = x_BxLxD + attn_out
         normed = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name="mlp_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(normed)
@@ -276,7 +281,10 @@ def _remat_policy(name: str):
 
 
 class Transformer(nn.Module):
+    """empty_cache: see Attention (prefill into a cache that holds nothing yet)."""
+
     cfg: ModelConfig
+    empty_cache: bool = False
 
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, cache_kv=None, cache_start=0,
@@ -306,7 +314,7 @@ class Transformer(nn.Module):
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="layers")
+        )(cfg, self.empty_cache, name="layers")
         x_BxLxD, new_kv = layers(x_BxLxD, cache_kv, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, cache_start)
         x_BxLxD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name="final_norm")(x_BxLxD)
         if not head:
@@ -423,7 +431,7 @@ def cache_logical_axes() -> KVCache:
 
 
 def extend(cfg: ModelConfig, params: dict, cache: KVCache, tokens_BxL: jax.Array, positions_BxL: jax.Array,
-           valid_BxL: jax.Array) -> tuple[jax.Array, KVCache]:
+           valid_BxL: jax.Array, empty_cache: bool = False) -> tuple[jax.Array, KVCache]:
     """Appends L tokens per row at the cache index; returns (logits_BxLxV, cache).
 
     valid_BxL marks real tokens (False for left padding): invalid slots are never attended to.
@@ -431,7 +439,8 @@ def extend(cfg: ModelConfig, params: dict, cache: KVCache, tokens_BxL: jax.Array
     trace time (L > S always; index + L > S when the index is concrete). Under jit the index is traced:
     lax.dynamic_update_slice would clamp the write and overwrite the newest slots, so the caller must
     stop at `cache_room(cache) < L` (a decode loop's condition), and logits of an overflowing call are
-    NaN instead of silently wrong.
+    NaN instead of silently wrong. empty_cache=True promises the cache holds nothing yet (index 0): the
+    cached slots are then not read at all (a ValueError when a concrete index says otherwise).
     """
     b, l = tokens_BxL.shape
     s = cache.segment_ids_BxS.shape[1]
@@ -442,6 +451,9 @@ def extend(cfg: ModelConfig, params: dict, cache: KVCache, tokens_BxL: jax.Array
         index = int(cache.index)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError, TypeError):
         index = None  # traced: guarded by NaN logits below and by the caller's cache_room check
+    if empty_cache and index not in (None, 0):
+        raise ValueError(f"extend: empty_cache=True but the cache index is {index}; prefill needs a fresh cache "
+                         f"(init_cache)")
     if index is not None and index + l > s:
         raise ValueError(f"extend: {l} new tokens at cache index {index} overflow the KV cache of {s} slots "
                          f"(index + L must be <= {s}); stop decoding at cache_room(cache) < L or init_cache "
@@ -451,7 +463,7 @@ def extend(cfg: ModelConfig, params: dict, cache: KVCache, tokens_BxL: jax.Array
     # Padding queries would have no key at all; give them segment 1 so their (unused) logits stay finite.
     q_seg_BxL = jnp.ones_like(seg_BxL)
     q_slot_BxL = cache.index + jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    logits, (new_k, new_v) = Transformer(cfg).apply(
+    logits, (new_k, new_v) = Transformer(cfg, empty_cache).apply(
         {"params": params}, jnp.asarray(tokens_BxL, jnp.int32), jnp.asarray(positions_BxL, jnp.int32),
         q_seg_BxL, q_slot_BxL, k_seg_BxS, (cache.k, cache.v), cache.index,
     )
@@ -470,7 +482,7 @@ def cache_room(cache: KVCache) -> jax.Array:
 
 def prefill(cfg: ModelConfig, params: dict, cache: KVCache, tokens_BxL: jax.Array,
             valid_BxL: jax.Array | None = None) -> tuple[jax.Array, KVCache, jax.Array]:
-    """Writes (left-padded) prompts into an empty cache.
+    """Writes (left-padded) prompts into an empty cache (a fresh `init_cache`; its slots are not read).
 
     Returns (logits_BxLxV, cache, next_positions_B): positions count real tokens only, so each row's
     next token goes at its own position.
@@ -479,7 +491,7 @@ def prefill(cfg: ModelConfig, params: dict, cache: KVCache, tokens_BxL: jax.Arra
         valid_BxL = jnp.ones(tokens_BxL.shape, bool)
     valid_i32 = jnp.asarray(valid_BxL, jnp.int32)
     positions_BxL = jnp.maximum(jnp.cumsum(valid_i32, axis=1) - 1, 0)
-    logits, cache = extend(cfg, params, cache, tokens_BxL, positions_BxL, valid_BxL)
+    logits, cache = extend(cfg, params, cache, tokens_BxL, positions_BxL, valid_BxL, empty_cache=True)
     return logits, cache, jnp.sum(valid_i32, axis=1)
 
 
