@@ -48,7 +48,9 @@ def default_eval_config() -> ml_collections.ConfigDict:
 
     c.sampling = ml_collections.ConfigDict()
     c.sampling.max_new_tokens = 256   # per response; prompt room = model.max_seq_len - this
-    c.sampling.max_batch = 0          # prompts per sampler call (0: every running episode)
+    # Prompts per sampler call (0: every running episode at once). Bounded by default: a call's prefill holds
+    # rows x heads x prompt^2 scores, and 800 episodes of 512-token prompts in one call took 35 GB on CPU.
+    c.sampling.max_batch = 256
     c.sampling.greedy = True          # one greedy episode per task
     c.sampling.k = 0                  # k sampled episodes per task for mean@k / pass@k (0: none)
     c.sampling.temperature = 1.0      # for the k samples
