@@ -23,7 +23,7 @@ from fwm.configlib import ConfigError, require as _require
 from fwm.data.records import ON_BAD_RECORD, ROLES
 from fwm.model.transformer import ModelConfig
 from fwm.schema import VARIANTS
-from fwm.trajectories.future import FUTURE_STARTS
+from fwm.trajectories.future import FUTURE_STARTS, GROUND_MATCHES
 
 # stage name -> "module:function" taking (config) and running the stage in config.train.workdir.
 STAGES: dict[str, str] = {
@@ -155,10 +155,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.correct_threshold = 1.0               # I = 1 (R_calib) iff the outcome reward >= this
     c.rl.format_penalty = 0.0                  # R_E = outcome - format_penalty * (1 - format adherence)
     c.rl.future_start = "observation"          # where tau_{>t} starts for R_ground (trajectories.future)
+    c.rl.ground_match = "found"                # R_ground's R_match: found | beyond_action (trajectories.future)
     c.rl.calib_reward = True                   # R_calib in the world-model span reward
     c.rl.ground_reward = True                  # R_ground in the world-model span reward
     c.rl.omega = 0.2                           # policy span: A_E + omega * A_S (paper: 0.2 search, 0.1 math)
     c.rl.advantage = "grpo"                    # grpo | dr_grpo | rloo (fwm.rl.advantages.ESTIMATORS)
+    c.rl.wm_advantage = ""                     # A_WM's estimator ('' = rl.advantage; fwm.rl.advantages docstring)
     c.rl.advantage_eps = 1e-6                  # grpo: (r - mean) / (std + eps)
     c.rl.kl_beta = 0.001                       # k3 KL to the reference (Search-R1: 0.001; 0: no KL, no ref)
     c.rl.clip_eps_low = 0.2                    # ratio clipped to [1 - low, 1 + high]
@@ -276,8 +278,11 @@ def check_rl_values(rl: ml_collections.ConfigDict) -> None:
     _require(0 < rl.correct_threshold <= 1, "rl.correct_threshold", "a value in (0, 1]", rl.correct_threshold)
     _require(rl.format_penalty >= 0, "rl.format_penalty", "a value >= 0", rl.format_penalty)
     _require(rl.future_start in FUTURE_STARTS, "rl.future_start", f"one of {FUTURE_STARTS}", rl.future_start)
+    _require(rl.ground_match in GROUND_MATCHES, "rl.ground_match", f"one of {GROUND_MATCHES}", rl.ground_match)
     _require(rl.omega >= 0, "rl.omega", "a value >= 0", rl.omega)
     _require(rl.advantage in ESTIMATORS, "rl.advantage", f"one of {tuple(ESTIMATORS)}", rl.advantage)
+    _require(rl.wm_advantage in ("",) + tuple(ESTIMATORS), "rl.wm_advantage",
+             f"'' (= rl.advantage) or one of {tuple(ESTIMATORS)}", rl.wm_advantage)
     _require(rl.advantage_eps > 0, "rl.advantage_eps", "a value > 0", rl.advantage_eps)
     _require(rl.kl_beta >= 0, "rl.kl_beta", "a value >= 0 (0: no KL)", rl.kl_beta)
     _require(0 <= rl.clip_eps_low < 1, "rl.clip_eps_low", "a value in [0, 1)", rl.clip_eps_low)

@@ -88,6 +88,19 @@ def test_reward_switches_and_plain_grpo():
         adv.world_model_advantage([0.0], [0.0], [0], [0], "grpo", calib=False, ground=False)
 
 
+def test_world_model_span_can_take_its_own_estimator():
+    # A_E and A_S by grpo, A_WM by dr_grpo: the world-model advantages are those of the dr_grpo case
+    # above (test_span_advantages_by_hand), the policy ones those of plain grpo.
+    mixed = adv.span_advantages(GROUP, [0, 0, 0], estimator="grpo", omega=0.5, wm_estimator="dr_grpo")
+    np.testing.assert_allclose(mixed.world_model_N, [0.46666667, 0.575, -0.82333333, 0.35666667, -0.575, 0.0],
+                               atol=1e-7)
+    grpo_only = adv.span_advantages(GROUP, [0, 0, 0], estimator="grpo", omega=0.5)
+    np.testing.assert_allclose(mixed.policy_N, grpo_only.policy_N)
+    # A_E by grpo: rewards 1, 0, 1 -> (r - 2/3) / std(ddof=1) with std = 0.57735.
+    np.testing.assert_allclose(mixed.episode_N[[0, 2]], [0.57735027, -1.15470054], atol=1e-5)  # eps = 1e-6
+    assert not np.allclose(grpo_only.world_model_N, mixed.world_model_N)
+
+
 def test_groups_of_different_tasks_do_not_mix():
     # The same three episodes under two tasks: task 0 holds episodes 0 and 2, task 1 episode 1 alone.
     out = adv.span_advantages(GROUP, [0, 1, 0], estimator="dr_grpo", omega=1.0)

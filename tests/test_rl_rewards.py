@@ -61,6 +61,28 @@ def test_r_ground_is_the_share_of_keywords_found():
     assert rewards.r_ground(["", "  "], future) == 0.0
 
 
+def test_r_ground_beyond_action_refuses_keywords_that_repeat_the_query():
+    # A search for "Paris" returns the passage titled Paris: "Paris" is found whatever the block foresaw.
+    future = "Doc 1 (Title: Paris) The mayor of Paris is Anne. Population 120."
+    query = Action("search", "Paris")
+    assert rewards.r_ground(["Paris", "mayor"], future, query) == 1.0  # 'found' (the default) counts it
+    assert rewards.r_ground(["Paris", "mayor"], future, query, "beyond_action") == 0.5
+    assert rewards.r_ground(["paris!", "Anne"], future, query, "beyond_action") == 0.5  # normalised as the match
+    # Word boundaries: "Pari" is in neither the query nor the passage. A keyword that holds the query
+    # and more is not a repeat: "Paris mayor" (the passage normalises to "... title paris mayor of ...").
+    assert rewards.r_ground(["Pari"], future, query, "beyond_action") == 0.0
+    assert rewards.r_ground(["Paris mayor"], future, query, "beyond_action") == 1.0
+    assert rewards.r_ground(["mayor of Paris"], future, query, "beyond_action") == 1.0
+    assert rewards.r_ground(["Paris"], future, None, "beyond_action") == 1.0  # no action: nothing to repeat
+    with pytest.raises(ValueError, match="R_match"):
+        rewards.r_ground(["Paris"], future, query, "fuzzy")
+    # Episode level: step 1 searches "mayor of Paris" and names "Paris" among its keywords.
+    steps = [STEPS[0], (Action("search", "mayor of Paris"), ["Paris", "Anne"], 80, STEPS[1][3]), STEPS[2]]
+    np.testing.assert_allclose(rewards.episode_rewards(_episode(steps)).r_ground_T, [1.0, 1.0, 0.0])
+    np.testing.assert_allclose(rewards.episode_rewards(_episode(steps), ground_match="beyond_action").r_ground_T,
+                               [1.0, 0.5, 0.0])
+
+
 def test_episode_rewards_by_hand():
     r = rewards.episode_rewards(_episode())
     assert (r.outcome, r.reward, r.correct, r.format_adherence) == (1.0, 1.0, True, 1.0)

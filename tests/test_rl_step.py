@@ -276,6 +276,8 @@ def test_without_kl_no_reference_is_read():
 @pytest.mark.parametrize("key, value, message", [
     ("loss_aggregation", "mean", "rl.loss_aggregation"),
     ("advantage", "ppo", "rl.advantage"),
+    ("wm_advantage", "ppo", "rl.wm_advantage"),
+    ("ground_match", "fuzzy", "rl.ground_match"),
     ("rollout_batch", 12, "rl.rollout_batch"),
     ("group_size", 1, "rl.group_size"),
     ("clip_eps_low", 1.0, "rl.clip_eps_low"),

@@ -16,7 +16,12 @@ Span advantages per step (episode i, step t), from `fwm.rl.rewards.EpisodeReward
 - A_E(i)      = estimator over the episode group of the episode rewards R_E
 - A_S(i, t)   = estimator over the step group of the confidences q_t (0 where q_t is missing)
 - A_WM(i, t)  = estimator over the step group of R_WM = [calib] R_calib + [ground] R_ground;
-                with both terms switched off the world-model span takes A_E (plain GRPO)
+                with both terms switched off the world-model span takes A_E (plain GRPO). Its
+                estimator may differ from the others' (`rl.wm_advantage`; PAPER.md only says
+                "normalised within the group"): grpo's division by the step group's std turns the small
+                R_ground differences of a group whose episodes all failed (R_calib ~ -1 for all when
+                q ~ 1) into unit-sized advantages on ~80% of the trained tokens; dr_grpo keeps them
+                at their own size.
 - A_pol(i, t) = A_E(i) + omega * A_S(i, t)
 omega = 0 with both world-model terms off is plain GRPO: every response token gets A_E.
 """
@@ -129,12 +134,13 @@ class StepAdvantages:
 
 
 def span_advantages(rewards: Sequence[EpisodeRewards], group_ids_E: Sequence[Hashable], *, estimator: str = "grpo",
-                    eps: float = 1e-6, omega: float = 0.0, calib: bool = True, ground: bool = True
-                    ) -> StepAdvantages:
+                    eps: float = 1e-6, omega: float = 0.0, calib: bool = True, ground: bool = True,
+                    wm_estimator: str = "") -> StepAdvantages:
     """Both span advantages of every step of a rollout batch (module docstring).
 
     rewards[i] belongs to episode i of the episode group group_ids_E[i] (e.g. its task id); the config
-    keys are rl.advantage, rl.advantage_eps, rl.omega, rl.calib_reward and rl.ground_reward.
+    keys are rl.advantage, rl.advantage_eps, rl.omega, rl.calib_reward, rl.ground_reward and
+    rl.wm_advantage (A_WM's estimator; '' = `estimator`).
     """
     if len(rewards) != len(group_ids_E):
         raise ValueError(f"{len(rewards)} episodes but {len(group_ids_E)} group ids")
@@ -150,8 +156,8 @@ def span_advantages(rewards: Sequence[EpisodeRewards], group_ids_E: Sequence[Has
     a_e_N = a_e_E[episode_index_N]
     a_s_N = step_confidence_advantage(steps("q_T"), group_N, step_index_N, estimator, eps)
     if calib or ground:
-        a_wm_N = world_model_advantage(steps("r_calib_T"), steps("r_ground_T"), group_N, step_index_N, estimator,
-                                       eps, calib=calib, ground=ground)
+        a_wm_N = world_model_advantage(steps("r_calib_T"), steps("r_ground_T"), group_N, step_index_N,
+                                       wm_estimator or estimator, eps, calib=calib, ground=ground)
     else:
         a_wm_N = a_e_N
     return StepAdvantages(episode_index_N=episode_index_N, step_index_N=step_index_N, world_model_N=a_wm_N,

@@ -31,7 +31,7 @@ import numpy as np
 from fwm import schema
 from fwm.envs.scoring import QA_METRICS
 from fwm.schema import Action
-from fwm.trajectories.future import keyword_found, what_follows
+from fwm.trajectories.future import keyword_grounded, what_follows
 
 # 'score': the env's recorded score; the others recompute it from the final answer.
 OUTCOME_METRICS = ("score",) + tuple(sorted(QA_METRICS))
@@ -130,18 +130,21 @@ def r_calib(q: float | None, correct: bool) -> float:
     return indicator - (float(q) - indicator) ** 2
 
 
-def r_ground(keywords: Sequence[str], future_text: str) -> float:
+def r_ground(keywords: Sequence[str], future_text: str, own_action: Action | None = None,
+             match: str = "found") -> float:
     """R_ground(i, t) = |{k in K_t : R_match(k, tau_{>t})}| / |K_t|, the share of keywords found.
 
     K_t is the step's keyword list with repeats removed (by exact text after stripping, so that
     writing a found keyword twice earns nothing more); empty entries are dropped. R_match is
-    `keyword_found` (normalised, word-boundary match). A step with no keywords gets 0: no foresight
+    `fwm.trajectories.future.keyword_grounded` (`rl.ground_match`): 'found' = normalised, word-boundary
+    match in tau_{>t}; 'beyond_action' also refuses a keyword that occurs in a_t's own argument
+    (`own_action`), which its search results would echo. A step with no keywords gets 0: no foresight
     stated, nothing grounded.
     """
     unique = list(dict.fromkeys(k.strip() for k in keywords if k and k.strip()))
     if not unique:
         return 0.0
-    return sum(keyword_found(k, future_text) for k in unique) / len(unique)
+    return sum(keyword_grounded(k, future_text, own_action, match) for k in unique) / len(unique)
 
 
 def step_format_ok(step: StepOutcome, variant: str) -> bool:
@@ -159,16 +162,17 @@ def format_adherence(episode: EpisodeOutcome, variant: str) -> float:
 
 def episode_rewards(episode: EpisodeOutcome, *, outcome_metric: str = "score", correct_threshold: float = 1.0,
                     format_penalty: float = 0.0, future_start: str = "observation",
-                    variant: str = schema.FULL) -> EpisodeRewards:
-    """All rewards of one episode (module docstring); `future_start` is where tau_{>t} begins."""
+                    variant: str = schema.FULL, ground_match: str = "found") -> EpisodeRewards:
+    """All rewards of one episode (module docstring); `future_start` is where tau_{>t} begins,
+    `ground_match` R_ground's R_match (`r_ground`)."""
     outcome = outcome_reward(episode, outcome_metric)
     correct = outcome >= correct_threshold
     actions = [step.action for step in episode.steps]
     observations = [step.observation for step in episode.steps]
     confidence_ok = [valid_confidence(step.confidence_q) for step in episode.steps]
     adherence = format_adherence(episode, variant)
-    r_ground_T = [r_ground(step.keywords, what_follows(actions, observations, t, future_start))
-                  for t, step in enumerate(episode.steps)]
+    r_ground_T = [r_ground(step.keywords, what_follows(actions, observations, t, future_start), step.action,
+                           ground_match) for t, step in enumerate(episode.steps)]
     return EpisodeRewards(
         outcome=outcome,
         reward=outcome - format_penalty * (1.0 - adherence),

@@ -33,10 +33,11 @@ def rollout_advantages(episodes: Sequence[Episode], rl: ml_collections.ConfigDic
     """Every episode's rewards and every step's span advantages, with the `rl` config's choices."""
     rewards = [episode_rewards(episode_outcome(e), outcome_metric=rl.outcome_metric,
                                correct_threshold=float(rl.correct_threshold), format_penalty=float(rl.format_penalty),
-                               future_start=rl.future_start, variant=rl.variant) for e in episodes]
+                               future_start=rl.future_start, variant=rl.variant,
+                               ground_match=rl.ground_match) for e in episodes]
     advantages = span_advantages(rewards, [e.slot.task.id for e in episodes], estimator=rl.advantage,
                                  eps=float(rl.advantage_eps), omega=float(rl.omega), calib=bool(rl.calib_reward),
-                                 ground=bool(rl.ground_reward))
+                                 ground=bool(rl.ground_reward), wm_estimator=rl.wm_advantage)
     return rewards, advantages
 
 

@@ -3,9 +3,11 @@
 Grounding -- the rule writer's keyword filter when blocks are written, R_ground in FC-RL -- asks
 whether a keyword of the block z_t occurs in what actually happens after the step. PAPER.md leaves
 where tau_{>t} starts open. Our choice (default `start="observation"`): the text from the
-observation of a_t onward, i.e. observation_t, a_{t+1}, observation_{t+1}, ..., so that a keyword
-cannot earn grounding by repeating the step's own query or answer. `start="action"` includes a_t
-itself (the looser reading: tau_{>=t} of the agent's own actions).
+observation of a_t onward, i.e. observation_t, a_{t+1}, observation_{t+1}, ..., so that the text of a_t itself does not count.
+`start="action"` includes a_t itself (the looser reading: tau_{>=t} of the agent's own actions).
+That alone does not stop a keyword that repeats the step's own search query from being found: a
+search's results echo its query (the top passage of a search for an entity is titled by it). R_ground
+can close that (`GROUND_MATCHES`, `keyword_grounded`).
 
 Matching (our R_match): SQuAD-normalised keyword found in SQuAD-normalised text at word boundaries
 (`contains_term`, which the spoiler check uses too), so "Paris" matches "paris," but "12" not "120".
@@ -20,6 +22,9 @@ from fwm.envs.scoring import normalize_answer
 from fwm.schema import Action
 
 FUTURE_STARTS = ("observation", "action")
+# R_match variants of R_ground (rl.ground_match): "found" = keyword_found; "beyond_action" = found, and
+# not contained in the step's own action argument (a repeated query predicts nothing).
+GROUND_MATCHES = ("found", "beyond_action")
 
 
 def occurs(normalized_text: str, term: str) -> bool:
@@ -65,3 +70,18 @@ def what_follows(actions: Sequence[Action | None], observations: Sequence[str], 
 def keyword_found(keyword: str, future_text: str) -> bool:
     """R_match for one keyword: whether it occurs in `future_text` after normalisation (module docstring)."""
     return contains_term(future_text, keyword)
+
+
+def keyword_grounded(keyword: str, future_text: str, own_action: Action | None, match: str = "found") -> bool:
+    """R_match of R_ground for one keyword of the block before `own_action` (a_t).
+
+    'found': `keyword_found(keyword, future_text)`. 'beyond_action': found, and not occurring in a_t's
+    own argument (normalised, word boundaries): a keyword that only repeats the step's search query is
+    found in that search's results whatever the block foresaw, so it earns nothing; a keyword that
+    names what the query does not (a relation, a later entity) still counts.
+    """
+    if match not in GROUND_MATCHES:
+        raise ValueError(f"unknown R_match {match!r}; expected one of {GROUND_MATCHES}")
+    if not keyword_found(keyword, future_text):
+        return False
+    return match == "found" or own_action is None or not contains_term(own_action.argument, keyword)
