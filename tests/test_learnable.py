@@ -64,8 +64,10 @@ def test_probe_masks_the_response_and_its_action(tmp_path):
     assert result["all"]["response"] == 0.0  # an untrained model does not write the gold step
 
 
-def test_learnable_data_end_to_end_keeps_eval_documents_out_of_stage_0(tmp_path):
+@pytest.mark.parametrize("rl_documents", [True, False])
+def test_learnable_data_end_to_end_keeps_eval_documents_out_of_stage_0(tmp_path, rl_documents):
     config = _module("synthetic_learnable").get_config("runlocal")
+    config.corpora.pretrain_rl_documents = rl_documents
     config.workdir, config.workers, config.progress = str(tmp_path), 0, False
     config.world.knowledge.update(dict(num_train_questions=24, num_test_questions=6))
     config.splits.update(dict(sft_tasks=8, rl_tasks=4))
@@ -75,8 +77,11 @@ def test_learnable_data_end_to_end_keeps_eval_documents_out_of_stage_0(tmp_path)
     assert stats["blocks"]["rejections"] == 0 and stats["corpora"]["sft_trajectories"] == 8
     eval_tasks = [json.loads(line) for line in open(tmp_path / "world" / "splits" / "eval.jsonl")]
     eval_docs = {hop["subject_id"] for task in eval_tasks for hop in task["metadata"]["hops"]}
+    rl_tasks = [json.loads(line) for line in open(tmp_path / "world" / "splits" / "rl.jsonl")]
+    rl_docs = {hop["subject_id"] for task in rl_tasks for hop in task["metadata"]["hops"]}
     # stage-0 records are documents and their paraphrases ("DOC/pN"), split into train and eval files
     pretrain = {json.loads(line)["id"].split("/")[0] for name in ("pretrain.jsonl", "pretrain_eval.jsonl")
                 if (tmp_path / "corpora" / name).exists() for line in open(tmp_path / "corpora" / name)}
     corpus = {json.loads(line)["id"] for line in open(tmp_path / "world" / "corpus.jsonl")}
-    assert eval_docs and pretrain == corpus - eval_docs  # every other question's documents stay in
+    held_out = eval_docs if rl_documents else eval_docs | rl_docs
+    assert eval_docs and rl_docs and pretrain == corpus - held_out  # every other question's documents stay in

@@ -141,6 +141,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     #                                            the earlier observation's sentence naming the argument first)
     c.corpora.pretrain_eval_documents = True   # False: `pretrain` leaves out the documents of the eval questions'
                                                # hops (a fresh-entity world, where they are those questions' own)
+    c.corpora.pretrain_rl_documents = True     # False: nor those of the RL questions' hops, so that RL, like the
+                                               # evaluation, must read what its searches return (not recall it)
 
     c.tokenizer = ml_collections.ConfigDict()  # the world's tokenizer, stage `tokenizer` (WORKDIR/tokenizer.model)
     c.tokenizer.path = ""                      # '' trains one on all corpora; else use this tokenizer (e.g. a
@@ -468,15 +470,19 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
     stages["blocks"] = "skipped" if skipped else "ran"
 
     # -- tokenizer: trained on the text of every corpus before the corpora are cut to token budgets
-    held_out_documents = set() if c.corpora.pretrain_eval_documents else {
-        hop["subject_id"] for task in world.splits["eval"] for hop in task.metadata["hops"]}
+    # in the fingerprint only when off, so that the default leaves existing data's fingerprints as they were
+    rl_documents_part = () if c.corpora.pretrain_rl_documents else (("pretrain_rl_documents", False),)
+    held_out_splits = [split for split, keep in (("eval", c.corpora.pretrain_eval_documents),
+                                                 ("rl", c.corpora.pretrain_rl_documents)) if not keep]
+    held_out_documents = {hop["subject_id"] for split in held_out_splits for task in world.splits[split]
+                          for hop in task.metadata.get("hops", ())} if world.documents else set()
     pretrain = corpora_lib.pretrain_records([doc for doc in world.documents if doc["id"] not in held_out_documents],
                                             world.facts, c.corpora.pretrain_phrasings, c.seed) \
         if world.documents else []
     tokenizer_path = os.path.abspath(c.tokenizer.path) if c.tokenizer.path else os.path.join(workdir, "tokenizer.model")
     tokenizer_fp = _fingerprint("tokenizer", blocks_fp, c.tokenizer.to_dict(), c.corpora.pretrain_phrasings,
                                 c.corpora.pretrain_eval_documents, c.corpora.think, c.seed,
-                                _file_digest(c.tokenizer.path))
+                                _file_digest(c.tokenizer.path), *rl_documents_part)
 
     def run_tokenizer() -> tuple[dict[str, Any], list[str]]:
         if c.tokenizer.path:  # given: nothing to train
