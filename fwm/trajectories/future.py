@@ -4,7 +4,8 @@ Grounding -- the rule writer's keyword filter when blocks are written, R_ground 
 whether a keyword of the block z_t occurs in what actually happens after the step. PAPER.md leaves
 where tau_{>t} starts open. Our choice (default `start="observation"`): the text from the
 observation of a_t onward, i.e. observation_t, a_{t+1}, observation_{t+1}, ..., so that the text
-of a_t itself does not count. `start="action"` includes a_t itself (the looser reading: tau_{>=t} of the agent's own actions).
+of a_t itself does not count. `start="action"` includes a_t itself (the looser reading: tau_{>=t}
+of the agent's own actions).
 That alone does not stop a keyword that repeats the step's own search query from being found: a
 search's results echo its query (the top passage of a search for an entity is titled by it). R_ground
 can close that (`GROUND_MATCHES`, `keyword_grounded`).
