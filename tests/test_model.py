@@ -190,3 +190,53 @@ def test_sharded_forward_and_grad_compile_without_full_rematerialization():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
     assert "Involuntary full rematerialization" not in result.stderr, result.stderr[-3000:]
+
+
+def test_query_blocks_cover_the_sequence_in_order():
+    assert T.query_blocks(10) == [(0, 10)]
+    assert T.query_blocks(200) == [(0, 64), (64, 128), (128, 192), (192, 200)]
+    # Long sequences: at most MAX_QUERY_BLOCKS blocks, so the traced graph stays small.
+    blocks = T.query_blocks(4096)
+    assert len(blocks) == T.MAX_QUERY_BLOCKS and blocks[0] == (0, 256) and blocks[-1] == (3840, 4096)
+
+
+def test_blocked_causal_attention_equals_one_softmax_with_packing_and_padding():
+    """By blocks of queries (each reading only the keys up to its end) = one softmax over all L keys, for
+    packed segments, padding and a ragged last block; the gradients too (padding queries carry no loss)."""
+    b, length, k, g, dh = 2, 150, 2, 2, 8
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(b, length, k, g, dh)), jnp.float32)
+    keys, values = (jnp.asarray(rng.normal(size=(b, k, length, dh)), jnp.float32) for _ in range(2))
+    seg = np.zeros((b, length), np.int32)
+    seg[0, :70], seg[0, 70:140] = 1, 2          # two packed segments, then padding
+    seg[1, :] = 1
+    seg = jnp.asarray(seg)
+    slots = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    real = (seg != 0)[:, :, None, None, None]
+
+    def blocked(q, keys, values):
+        return T.causal_self_attention(q, keys, values, seg, slots, seg)
+
+    def full(q, keys, values):
+        return T.attend(q, [(keys, values, T.attention_mask(seg, slots, seg, jnp.arange(length)))])
+
+    np.testing.assert_allclose(np.where(real, blocked(q, keys, values), 0), np.where(real, full(q, keys, values), 0),
+                               atol=1e-5)
+    loss = lambda f: lambda *a: jnp.sum(jnp.where(real, f(*a), 0.0) ** 2)  # noqa: E731
+    for got, want in zip(jax.grad(loss(blocked), (0, 1, 2))(q, keys, values),
+                         jax.grad(loss(full), (0, 1, 2))(q, keys, values)):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_matmul_gradient_equals_plain_dot():
+    rng = np.random.default_rng(1)
+    x, w = jnp.asarray(rng.normal(size=(12, 5)), jnp.float32), jnp.asarray(rng.normal(size=(5, 7)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(12, 7)), jnp.float32)
+    np.testing.assert_allclose(T.matmul(x, w), x @ w, rtol=1e-6)
+    got = jax.grad(lambda x, w: jnp.sum(T.matmul(x, w) * g), (0, 1))(x, w)
+    np.testing.assert_allclose(got[0], g @ w.T, rtol=1e-5, atol=1e-6)   # d/dx = g W^T
+    np.testing.assert_allclose(got[1], x.T @ g, rtol=1e-5, atol=1e-6)   # d/dW = x^T g
+    # bfloat16 operands keep their dtypes in both gradients.
+    gx, gw = jax.grad(lambda x, w: jnp.sum(T.matmul(x, w).astype(jnp.float32)), (0, 1))(
+        x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16

@@ -4,6 +4,10 @@ RMSNorm, RoPE in the Hugging Face half-split convention, grouped-query attention
 stacked with `nn.scan` (parameters carry a leading `layers` axis) so compile time does not grow with
 depth. Every parameter carries logical axis names (see fwm/mesh.py) so it shards on the mesh.
 
+Dense layers go through `matmul` (a custom gradient that keeps XLA:CPU's transposes cheap) and causal
+self-attention without a cache goes by blocks of queries that skip the keys after them
+(`causal_self_attention`); both are numerically the plain formulation (tests/test_model.py).
+
 Attention masking is one rule for every mode: a query attends to a key iff both carry the same
 non-zero segment id and the key's slot is not after the query's slot. Segment id 0 is padding.
 Packed sequences use ids 1..n; left padding uses 0 for the pads; the KV cache keeps one segment id
@@ -105,7 +109,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward+backward FLOPs per trained token: 6 x matmul parameters + 12 x layers x H*Dh x seq_len.
 
     The embedding lookup is not a matmul; the logit projection is (tied or not). Attention counts every
-    key (PaLM's convention): the attention here computes the full L x L scores and masks them.
+    key (PaLM's convention), although `causal_self_attention` skips most keys after a query's block.
     """
     matmul_params = num_params(cfg) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
     # QK^T and PV: 2 matmuls x 2 FLOPs x H*Dh per key, seq_len keys, x3 for forward + backward.
@@ -115,6 +119,52 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def _normal(stddev: float, names: tuple[str | None, ...]):
     return nn.with_logical_partitioning(nn.initializers.normal(stddev), names)
+
+
+@jax.custom_vjp
+def matmul(x_NxD: jax.Array, kernel_DxF: jax.Array) -> jax.Array:
+    """x_NxD @ kernel_DxF, with a backward pass that transposes the activations as one standalone copy.
+
+    The kernel's gradient x^T g contracts over the rows of both operands, so one of them must be
+    transposed for the matmul library. Left to itself, XLA:CPU fused that transpose into the elementwise
+    producer of g (SiLU's gradient reading the scan's stacked residuals) and wrote it element by element
+    with a stride: at the benchmark's M shape those fusions took over a third of the backward pass.
+    The barrier keeps the transpose of x a plain copy that XLA emits with its tiled transpose.
+    """
+    return x_NxD @ kernel_DxF
+
+
+def _matmul_fwd(x_NxD, kernel_DxF):
+    return x_NxD @ kernel_DxF, (x_NxD, kernel_DxF)
+
+
+def _matmul_bwd(residuals, g_NxF):
+    x_NxD, kernel_DxF = residuals
+    x_DxN = jax.lax.optimization_barrier(x_NxD).T
+    return (g_NxF @ kernel_DxF.T).astype(x_NxD.dtype), (x_DxN @ g_NxF).astype(kernel_DxF.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+class Linear(nn.Module):
+    """nn.Dense's parameters (kernel [D, F], optional bias) and numerics, through `matmul`."""
+
+    features: int
+    use_bias: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x_BxLxD.shape[-1], self.features), self.param_dtype)
+        x = x_BxLxD.astype(self.dtype)
+        y = matmul(x.reshape(-1, x.shape[-1]), kernel.astype(self.dtype)).reshape(x.shape[:-1] + (self.features,))
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
+        return y
 
 
 class RMSNorm(nn.Module):
@@ -166,6 +216,60 @@ def attention_mask(q_seg_BxL, q_slot_BxL, k_seg_BxS, k_slot_S) -> jax.Array:
     return same & causal
 
 
+def attend(q_BxLxKxGxH: jax.Array, parts: list[tuple[jax.Array, jax.Array, jax.Array]]) -> jax.Array:
+    """Grouped-query attention of the queries over one or more key parts [(keys_BxKxSxH, values_BxKxSxH,
+    mask_BxLxS)], one softmax over all of them (the same result as one buffer holding every part, without
+    building it). Returns out_BxLxKxGxH in the queries' dtype; scores and softmax are float32."""
+    dh = q_BxLxKxGxH.shape[-1]
+    scores = jnp.concatenate([
+        jnp.where(mask_BxLxS[:, None, None, :, :],
+                  jnp.einsum("blkgd,bksd->bkgls", q_BxLxKxGxH, keys_BxKxSxH,
+                             preferred_element_type=jnp.float32) / math.sqrt(dh),
+                  # A finite floor (not -inf) keeps fully masked rows (padding queries) free of NaN.
+                  jnp.finfo(jnp.float32).min)
+        for keys_BxKxSxH, _, mask_BxLxS in parts], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_BxLxKxGxH.dtype)
+    out, offset = 0, 0
+    for keys_BxKxSxH, values_BxKxSxH, _ in parts:
+        width = keys_BxKxSxH.shape[2]
+        out = out + jnp.einsum("bkgls,bksd->blkgd", probs[..., offset:offset + width], values_BxKxSxH)
+        offset += width
+    return out
+
+
+# Query blocks of causal self-attention: at least this many rows, and at most this many blocks (so the traced
+# graph, one pair of matmuls per block, stays small at long sequences).
+MIN_QUERY_BLOCK, MAX_QUERY_BLOCKS = 64, 16
+
+
+def query_blocks(length: int) -> list[tuple[int, int]]:
+    """[(start, end)) query ranges `causal_self_attention` splits a sequence of `length` into: blocks of
+    max(MIN_QUERY_BLOCK, ceil(length / MAX_QUERY_BLOCKS)) rows, the last one shorter."""
+    size = max(MIN_QUERY_BLOCK, -(-length // MAX_QUERY_BLOCKS))
+    return [(start, min(start + size, length)) for start in range(0, length, size)]
+
+
+def causal_self_attention(q_BxLxKxGxH, keys_BxKxLxH, values_BxKxLxH, q_seg_BxL, q_slot_BxL, k_seg_BxL) -> jax.Array:
+    """Attention of L queries over the same L tokens' keys (no cache), by blocks of queries.
+
+    The query at row slot j attends to key slots <= j only (the callers' slots are the row positions
+    0..L-1), so the block of queries [start, end) needs the keys [0, end) and never reads the ones after:
+    about half the scores of the full L x L (for 8 blocks, 56%), and each block's scores are small enough to
+    stay in cache. On 2 CPU cores one layer's attention forward + backward at the S benchmark's shape
+    (8 x 512, 4 heads of 32) took 37-45 ms against 107 ms for one L x L softmax. Same masking rule and result as
+    `attend` over the whole sequence (padding queries, which attend to nothing, get a different but
+    equally unused value). Returns out_BxLxKxGxH.
+    """
+    slots_L = jnp.arange(keys_BxKxLxH.shape[2], dtype=jnp.int32)
+    outs = []
+    for start, end in query_blocks(q_BxLxKxGxH.shape[1]):
+        mask_BxQxE = attention_mask(q_seg_BxL[:, start:end], q_slot_BxL[:, start:end], k_seg_BxL[:, :end],
+                                    slots_L[:end])
+        outs.append(attend(q_BxLxKxGxH[:, start:end],
+                           [(keys_BxKxLxH[:, :, :end], values_BxKxLxH[:, :, :end], mask_BxQxE)]))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
 class Attention(nn.Module):
     """empty_cache: the cache holds nothing before this call (a prefill), so only the L new keys are
     attended to; the cached part would be fully masked and cost L x S scores (and their memory) for nothing."""
@@ -173,9 +277,9 @@ class Attention(nn.Module):
     cfg: ModelConfig
     empty_cache: bool = False
 
-    def _proj(self, name: str, features: int, out_axis: str, bias: bool) -> nn.Dense:
+    def _proj(self, name: str, features: int, out_axis: str, bias: bool) -> Linear:
         cfg = self.cfg
-        return nn.Dense(
+        return Linear(
             features, use_bias=bias, name=name, dtype=jnp.dtype(cfg.compute_dtype),
             param_dtype=jnp.dtype(cfg.param_dtype),
             kernel_init=_normal(0.02, ("embed", out_axis)),
@@ -196,8 +300,11 @@ class Attention(nn.Module):
         q_BxLxKxGxH = q.reshape(b, l, k, h // k, dh)
         if kv_cache is None:
             new_kv = None
-            parts = [(kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-                      attention_mask(q_seg_BxL, q_slot_BxL, k_seg_BxS, jnp.arange(l, dtype=jnp.int32)))]
+            # Rematerialised: the backward pass recomputes each block's scores from q, k and v instead of
+            # keeping every block's probabilities (B x H x ~L^2/2 floats per layer); on 2 CPU cores the S
+            # benchmark's forward + backward got faster (485 -> 433 ms), not slower, as it wrote less memory.
+            out = jax.checkpoint(causal_self_attention, prevent_cse=False)(
+                q_BxLxKxGxH, kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), q_seg_BxL, q_slot_BxL, k_seg_BxS)
         else:
             # The cache is read, never written here: the layer returns only the L new keys/values and
             # `extend` writes all layers' at once into the (donated) cache. Writing the cache inside the
@@ -219,24 +326,10 @@ class Attention(nn.Module):
             parts = [(cache_k.astype(q.dtype), cache_v.astype(q.dtype), cached_BxLxS)] * (not self.empty_cache) + [
                 (new_kv[0].astype(q.dtype), new_kv[1].astype(q.dtype),
                  attention_mask(q_seg_BxL, q_slot_BxL, new_seg_BxL, new_slots_L))]
-        # One softmax over the concatenated key parts (cached slots, then new ones): the same result as
-        # attending over one buffer holding both, without building that buffer.
-        scores = jnp.concatenate([
-            jnp.where(mask_BxLxS[:, None, None, :, :],
-                      jnp.einsum("blkgd,bksd->bkgls", q_BxLxKxGxH, keys_BxKxSxH,
-                                 preferred_element_type=jnp.float32) / math.sqrt(dh),
-                      # A finite floor (not -inf) keeps fully masked rows (padding queries) free of NaN.
-                      jnp.finfo(jnp.float32).min)
-            for keys_BxKxSxH, _, mask_BxLxS in parts], axis=-1)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out, offset = 0, 0
-        for keys_BxKxSxH, values_BxKxSxH, _ in parts:
-            width = keys_BxKxSxH.shape[2]
-            out = out + jnp.einsum("bkgls,bksd->blkgd", probs[..., offset:offset + width], values_BxKxSxH)
-            offset += width
+            out = attend(q_BxLxKxGxH, parts)
         out = out.reshape(b, l, h * dh)
         out = constrain(out, ("batch", "length", "act_heads"))
-        o = nn.Dense(
+        o = Linear(
             cfg.hidden_size, use_bias=False, name="o_proj", dtype=jnp.dtype(cfg.compute_dtype),
             param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=_normal(0.02, ("heads", "embed")),
         )(out)
@@ -250,10 +343,10 @@ class MLP(nn.Module):
     def __call__(self, x_BxLxD):
         cfg = self.cfg
         kw = dict(use_bias=False, dtype=jnp.dtype(cfg.compute_dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        gate = nn.Dense(cfg.mlp_dim, name="gate_proj", kernel_init=_normal(0.02, ("embed", "mlp")), **kw)(x_BxLxD)
-        up = nn.Dense(cfg.mlp_dim, name="up_proj", kernel_init=_normal(0.02, ("embed", "mlp")), **kw)(x_BxLxD)
+        gate = Linear(cfg.mlp_dim, name="gate_proj", kernel_init=_normal(0.02, ("embed", "mlp")), **kw)(x_BxLxD)
+        up = Linear(cfg.mlp_dim, name="up_proj", kernel_init=_normal(0.02, ("embed", "mlp")), **kw)(x_BxLxD)
         hidden = constrain(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return nn.Dense(cfg.hidden_size, name="down_proj", kernel_init=_normal(0.02, ("mlp", "embed")), **kw)(hidden)
+        return Linear(cfg.hidden_size, name="down_proj", kernel_init=_normal(0.02, ("mlp", "embed")), **kw)(hidden)
 
 
 class DecoderBlock(nn.Module):
@@ -322,7 +415,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             logits = embed.attend(x_BxLxD)
         else:
-            logits = nn.Dense(
+            logits = Linear(
                 cfg.vocab_size, use_bias=False, name="lm_head", dtype=jnp.dtype(cfg.compute_dtype),
                 param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=_normal(0.02, ("embed", "vocab")),
             )(x_BxLxD)
