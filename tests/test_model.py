@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fwm import mesh as mesh_lib
+from fwm.model import kv_cache as C
 from fwm.model import transformer as T
 
 CONFIGS = {
@@ -37,10 +38,10 @@ def test_cached_decode_matches_full_forward(name):
     params = _params(cfg)
     tokens = jax.random.randint(jax.random.key(1), (3, 11), 0, cfg.vocab_size)
     full = _forward(cfg, params, tokens)
-    cache = T.init_cache(cfg, 3, 16)
-    logits, cache, pos = T.prefill(cfg, params, cache, tokens[:, :5])
+    cache = C.init_cache(cfg, 3, 16)
+    logits, cache, pos = C.prefill(cfg, params, cache, tokens[:, :5])
     np.testing.assert_allclose(logits, full[:, :5], atol=1e-5, rtol=1e-5)
-    step = jax.jit(functools.partial(T.decode_step, cfg))
+    step = jax.jit(functools.partial(C.decode_step, cfg))
     for t in range(5, 11):
         logits_t, cache = step(params, cache, tokens[:, t], pos)
         pos = pos + 1
@@ -79,10 +80,10 @@ def test_left_padded_batch_gives_unpadded_logits():
     # Full forward with segment 0 on the pads.
     logits = _forward(cfg, params, tokens, segment_ids_BxL=valid.astype(np.int32))
     # Prefill + decode on the same left-padded batch.
-    cache = T.init_cache(cfg, 3, width + 2)
-    pre, cache, pos = T.prefill(cfg, params, cache, tokens, valid)
+    cache = C.init_cache(cfg, 3, width + 2)
+    pre, cache, pos = C.prefill(cfg, params, cache, tokens, valid)
     nxt = rng.integers(1, cfg.vocab_size, 3)
-    step_logits, _ = T.decode_step(cfg, params, cache, jnp.asarray(nxt), pos)
+    step_logits, _ = C.decode_step(cfg, params, cache, jnp.asarray(nxt), pos)
     for i, row in enumerate(rows):
         alone = _forward(cfg, params, row[None])[0]
         np.testing.assert_allclose(logits[i, width - len(row):], alone, atol=1e-5, rtol=1e-5)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fwm.model import kv_cache as C
 from fwm.model import transformer as T
 
 CFG = T.ModelConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=24)
@@ -13,26 +14,26 @@ CFG = T.ModelConfig(vocab_size=50, hidden_size=16, num_layers=1, num_heads=2, nu
 
 def test_extend_past_the_cache_raises_when_shapes_or_index_are_known():
     params = T.init_params(CFG, jax.random.key(0))
-    cache = T.init_cache(CFG, 2, 8)
+    cache = C.init_cache(CFG, 2, 8)
     with pytest.raises(ValueError, match=r"9 new tokens do not fit a KV cache of 8 slots"):
-        T.prefill(CFG, params, cache, jnp.ones((2, 9), jnp.int32))
-    _, cache, pos = T.prefill(CFG, params, cache, jnp.ones((2, 6), jnp.int32))
-    assert int(T.cache_room(cache)) == 2
-    _, cache = T.decode_step(CFG, params, cache, jnp.ones((2,), jnp.int32), pos)
-    _, cache = T.decode_step(CFG, params, cache, jnp.ones((2,), jnp.int32), pos + 1)  # slot 8 of 8: fits
+        C.prefill(CFG, params, cache, jnp.ones((2, 9), jnp.int32))
+    _, cache, pos = C.prefill(CFG, params, cache, jnp.ones((2, 6), jnp.int32))
+    assert int(C.cache_room(cache)) == 2
+    _, cache = C.decode_step(CFG, params, cache, jnp.ones((2,), jnp.int32), pos)
+    _, cache = C.decode_step(CFG, params, cache, jnp.ones((2,), jnp.int32), pos + 1)  # slot 8 of 8: fits
     with pytest.raises(ValueError, match=r"1 new tokens at cache index 8 overflow the KV cache of 8 slots"):
-        T.decode_step(CFG, params, cache, jnp.ones((2,), jnp.int32), pos + 2)
+        C.decode_step(CFG, params, cache, jnp.ones((2,), jnp.int32), pos + 2)
 
 
 def test_extend_past_the_cache_under_jit_gives_nan_logits_not_wrong_ones():
     params = T.init_params(CFG, jax.random.key(0))
-    step = jax.jit(functools.partial(T.decode_step, CFG))  # the index is traced: no trace-time check
-    cache = T.init_cache(CFG, 2, 3)
+    step = jax.jit(functools.partial(C.decode_step, CFG))  # the index is traced: no trace-time check
+    cache = C.init_cache(CFG, 2, 3)
     tokens, pos = jnp.ones((2,), jnp.int32), jnp.zeros((2,), jnp.int32)
     for t in range(3):
         logits, cache = step(params, cache, tokens, pos + t)
         assert np.isfinite(np.asarray(logits)).all()
-    assert int(T.cache_room(cache)) == 0
+    assert int(C.cache_room(cache)) == 0
     logits, _ = step(params, cache, tokens, pos + 3)
     assert np.isnan(np.asarray(logits)).all()
 
@@ -40,16 +41,16 @@ def test_extend_past_the_cache_under_jit_gives_nan_logits_not_wrong_ones():
 def test_prefill_reads_no_cached_slot_and_refuses_a_cache_in_use():
     params = T.init_params(CFG, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 5), 0, CFG.vocab_size)
-    fresh = T.init_cache(CFG, 2, 8)
+    fresh = C.init_cache(CFG, 2, 8)
     # Garbage in the slots of a fresh-index cache changes nothing: prefill attends to the new keys only.
     dirty = fresh._replace(k=fresh.k + 7.0, v=fresh.v - 3.0, segment_ids_BxS=jnp.ones_like(fresh.segment_ids_BxS))
-    clean_logits, _, _ = T.prefill(CFG, params, fresh, tokens)
-    dirty_logits, _, _ = T.prefill(CFG, params, dirty, tokens)
+    clean_logits, _, _ = C.prefill(CFG, params, fresh, tokens)
+    dirty_logits, _, _ = C.prefill(CFG, params, dirty, tokens)
     np.testing.assert_array_equal(np.asarray(clean_logits), np.asarray(dirty_logits))
     # The same tokens through extend, reading the (empty) cached part, give the same logits.
     positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
-    read_logits, _ = T.extend(CFG, params, fresh, tokens, positions, jnp.ones((2, 5), bool))
+    read_logits, _ = C.extend(CFG, params, fresh, tokens, positions, jnp.ones((2, 5), bool))
     np.testing.assert_allclose(np.asarray(read_logits), np.asarray(clean_logits), atol=1e-6, rtol=1e-6)
-    _, used, _ = T.prefill(CFG, params, fresh, tokens[:, :2])
+    _, used, _ = C.prefill(CFG, params, fresh, tokens[:, :2])
     with pytest.raises(ValueError, match=r"empty_cache=True but the cache index is 2"):
-        T.prefill(CFG, params, used, tokens[:, :2])
+        C.prefill(CFG, params, used, tokens[:, :2])

@@ -26,7 +26,7 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from fwm.model import transformer
+    from fwm.model import kv_cache, transformer
     from fwm.rollout import sampler
 
     heads = max(1, args.hidden // 64)
@@ -37,11 +37,11 @@ def main() -> None:
     rng = np.random.default_rng(0)
     prompts = [[2] + rng.integers(4, args.vocab, args.prompt - 1).tolist() for _ in range(args.batch)]
 
-    prefill = jax.jit(transformer.prefill, static_argnums=0)
-    step = jax.jit(transformer.decode_step, static_argnums=0)
+    prefill = jax.jit(kv_cache.prefill, static_argnums=0)
+    step = jax.jit(kv_cache.decode_step, static_argnums=0)
 
     def naive() -> list[list[int]]:
-        cache = transformer.init_cache(cfg, args.batch, args.prompt + args.new)
+        cache = kv_cache.init_cache(cfg, args.batch, args.prompt + args.new)
         logits, cache, positions = prefill(cfg, params, cache, jnp.asarray(prompts, jnp.int32))
         token = np.asarray(jnp.argmax(logits[:, -1], axis=-1))
         out = [token]

@@ -39,7 +39,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fwm.mesh import constrain, local_rows, logical_to_sharding, make_mesh, place_batch, process_reduce, replicated
-from fwm.model import transformer
+from fwm.model import kv_cache, transformer
 
 MIN_PROMPT_BUCKET = 16
 _NEG_INF = -1e30  # masked logits (finite: keeps softmax free of NaN when a row masks everything but one)
@@ -127,24 +127,24 @@ def _sample(logits_BxV: jax.Array, keys_B: jax.Array, temperature: jax.Array, to
 
 # ------------------------------------------------------------------------------------- jitted parts
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _init_cache(cfg: transformer.ModelConfig, batch: int, length: int) -> transformer.KVCache:
+def _init_cache(cfg: transformer.ModelConfig, batch: int, length: int) -> kv_cache.KVCache:
     """An empty cache created in place with its shardings: rows over (data, fsdp), so each data-parallel
     shard keeps the keys of the rows it decodes; kv heads over tensor, beside the heads' projections."""
-    cache = transformer.init_cache(cfg, batch, length)
-    return transformer.KVCache(*(constrain(x, tuple(spec)) for x, spec in zip(cache, transformer.cache_logical_axes())))
+    cache = kv_cache.init_cache(cfg, batch, length)
+    return kv_cache.KVCache(*(constrain(x, tuple(spec)) for x, spec in zip(cache, kv_cache.cache_logical_axes())))
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def _prefill(cfg: transformer.ModelConfig, params: dict, cache: transformer.KVCache, tokens_BxL: jax.Array,
-             valid_BxL: jax.Array) -> tuple[jax.Array, transformer.KVCache, jax.Array]:
+def _prefill(cfg: transformer.ModelConfig, params: dict, cache: kv_cache.KVCache, tokens_BxL: jax.Array,
+             valid_BxL: jax.Array) -> tuple[jax.Array, kv_cache.KVCache, jax.Array]:
     """Writes the prompts; returns (logits of the last prompt slot, cache, next positions)."""
-    logits_BxLxV, cache, positions_B = transformer.prefill(cfg, params, cache, tokens_BxL, valid_BxL)
+    logits_BxLxV, cache, positions_B = kv_cache.prefill(cfg, params, cache, tokens_BxL, valid_BxL)
     return logits_BxLxV[:, -1], cache, positions_B  # left padding: the last slot is every row's last token
 
 
 class _LoopState(NamedTuple):
     step: jax.Array
-    cache: transformer.KVCache
+    cache: kv_cache.KVCache
     logits_BxV: jax.Array
     positions_B: jax.Array
     done_B: jax.Array
@@ -156,7 +156,7 @@ class _LoopState(NamedTuple):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
 def _decode(cfg: transformer.ModelConfig, mode: SamplingMode, max_new: int, stop_ids: tuple[int, ...], params: dict,
-            cache: transformer.KVCache, logits_BxV: jax.Array, positions_B: jax.Array, key_data_BxK: jax.Array,
+            cache: kv_cache.KVCache, logits_BxV: jax.Array, positions_B: jax.Array, key_data_BxK: jax.Array,
             temperature: jax.Array, top_p: jax.Array, row_live_B: jax.Array):
     """Samples up to max_new tokens per row (row b from the key whose data is key_data_BxK[b]); rows that
     stopped keep stepping (masked) until all have."""
@@ -175,7 +175,7 @@ def _decode(cfg: transformer.ModelConfig, mode: SamplingMode, max_new: int, stop
         column = lambda array, values: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
             array, values[:, None].astype(array.dtype), state.step, axis=1)
         done_B = state.done_B | jnp.isin(tokens_B, stops)
-        logits_BxV, cache = transformer.decode_step(cfg, params, state.cache, tokens_B, state.positions_B)
+        logits_BxV, cache = kv_cache.decode_step(cfg, params, state.cache, tokens_B, state.positions_B)
         return _LoopState(state.step + 1, cache, logits_BxV, state.positions_B + 1, done_B,
                           column(state.tokens_BxN, tokens_B), column(state.logprobs_BxN, jnp.where(live_B, raw_B, 0.0)),
                           column(state.sampling_BxN, jnp.where(live_B, sampling_B, 0.0)),

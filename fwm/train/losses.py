@@ -74,7 +74,9 @@ def chunked_nll(model_cfg: transformer.ModelConfig, params: Any, batch: Mapping[
     @jax.checkpoint
     def one(chunk: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         x_BxCxD, targets_BxC = chunk
-        logits_BxCxV = jnp.dot(x_BxCxD.astype(compute), kernel_DxV).astype(jnp.float32)
+        # Through the model's `matmul`, as the head's Linear does: the same products and the same cheap gradient.
+        logits_BxCxV = transformer.matmul(x_BxCxD.astype(compute).reshape(-1, d), kernel_DxV).reshape(
+            x_BxCxD.shape[:2] + (kernel_DxV.shape[1],)).astype(jnp.float32)
         logits_BxCxV = constrain(logits_BxCxV, ("batch", "length", "act_vocab"))
         log_z_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
         target_BxC = jnp.sum(jnp.where(vocab_V == targets_BxC[..., None], logits_BxCxV, 0.0), axis=-1)
