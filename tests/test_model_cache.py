@@ -1,5 +1,7 @@
-"""KV cache bounds: extend refuses tokens that do not fit, instead of overwriting the newest slots."""
+"""KV cache bounds (extend refuses tokens that do not fit, instead of overwriting the newest slots) and the
+decode loop writing the cache in place."""
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +45,8 @@ def test_prefill_reads_no_cached_slot_and_refuses_a_cache_in_use():
     tokens = jax.random.randint(jax.random.key(1), (2, 5), 0, CFG.vocab_size)
     fresh = C.init_cache(CFG, 2, 8)
     # Garbage in the slots of a fresh-index cache changes nothing: prefill attends to the new keys only.
-    dirty = fresh._replace(k=fresh.k + 7.0, v=fresh.v - 3.0, segment_ids_BxS=jnp.ones_like(fresh.segment_ids_BxS))
+    dirty = fresh._replace(k=tuple(k + 7.0 for k in fresh.k), v=tuple(v - 3.0 for v in fresh.v),
+                           segment_ids_BxS=jnp.ones_like(fresh.segment_ids_BxS))
     clean_logits, _, _ = C.prefill(CFG, params, fresh, tokens)
     dirty_logits, _, _ = C.prefill(CFG, params, dirty, tokens)
     np.testing.assert_array_equal(np.asarray(clean_logits), np.asarray(dirty_logits))
@@ -54,3 +57,46 @@ def test_prefill_reads_no_cached_slot_and_refuses_a_cache_in_use():
     _, used, _ = C.prefill(CFG, params, fresh, tokens[:, :2])
     with pytest.raises(ValueError, match=r"empty_cache=True but the cache index is 2"):
         C.prefill(CFG, params, used, tokens[:, :2])
+
+
+
+def _copies_in_loops(hlo: str, shapes: set[str]) -> list[str]:
+    """Copy instructions of the given f32 shapes ("[4,2,8,24]") inside the bodies of compiled while loops."""
+    computations = {m.group(1): block for block in re.split(r"\n(?=\S)", hlo)
+                    if (m := re.match(r"(?:ENTRY )?%?([\w.\-]+) ", block))}
+    bodies = re.findall(r"\bwhile\(.*?body=%?([\w.\-]+)", hlo)
+    assert bodies, "no while loop in the compiled program"
+    return [line.strip() for body in bodies for line in computations[body].splitlines()
+            if (m := re.search(r"= f32(\[[\d,]+\])\{[\d,]*\} copy\(", line)) and m.group(1) in shapes]
+
+
+def test_the_decode_loop_writes_the_cache_in_place():
+    """No cache-sized copy inside a compiled decode loop: every layer writes its own buffers and attends over
+    what it wrote. Reading a layer's cache out of one stacked array, or reading the old buffer before writing
+    it, made XLA copy the whole cache every layer of every token."""
+    cfg = T.ModelConfig(vocab_size=50, hidden_size=16, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8,
+                        mlp_dim=24)
+    params = T.init_params(cfg, jax.random.key(0))
+    cache = C.init_cache(cfg, 4, 24)
+
+    def loop(params, cache, tokens_B, positions_B):
+        params = C.decode_params(cfg, params)
+
+        def body(_, carry):
+            cache, positions_B = carry
+            _, cache = C.decode_step(cfg, params, cache, tokens_B, positions_B)
+            return cache, positions_B + 1
+        return jax.lax.fori_loop(0, 6, body, (cache, positions_B))[0]
+
+    tokens = jnp.ones((4,), jnp.int32)
+    shapes = {"[" + ",".join(map(str, x.shape)) + "]" for x in cache.k + cache.v}
+    assert shapes == {"[4,2,8,24]", "[4,2,24,8]"}
+    assert _copies_in_loops(jax.jit(loop).lower(params, cache, tokens, tokens).compile().as_text(), shapes) == []
+
+    # The check can fail: a loop that keeps the old buffer beside the written one gets a copy per iteration.
+    def keeps_old(k_BxKxHxS):
+        def body(i, carry):
+            k, _ = carry
+            return jax.lax.dynamic_update_slice_in_dim(k, jnp.ones(k.shape[:3] + (1,)), i, axis=3), k
+        return jax.lax.fori_loop(0, 6, body, (k_BxKxHxS, k_BxKxHxS))
+    assert _copies_in_loops(jax.jit(keeps_old).lower(cache.k[0]).compile().as_text(), shapes)

@@ -238,6 +238,25 @@ def attend(q_BxLxKxGxH: jax.Array, parts: list[tuple[jax.Array, jax.Array, jax.A
     return out
 
 
+def attend_cache(q_BxLxKxGxH: jax.Array, keys_BxKxHxS: jax.Array, values_BxKxSxH: jax.Array,
+                 mask_BxLxS: jax.Array) -> jax.Array:
+    """`attend` over one KV cache whose keys are stored transposed (keys_BxKxHxS): both matmuls are then plain
+    (rows x inner) @ (inner x columns) products per (batch, kv head), with the G x L query rows of a kv head
+    as the rows. On 2 CPU cores at the M benchmark's decode shape (64 rows, 4 kv heads, 320 slots of 64)
+    the score matmul took 0.7-0.9 ms against 1.3 ms with keys [S, Dh] and ~4 ms with `attend`'s
+    [B, L, K, G, H] output layout, and XLA swapped the second matmul's operands. Returns out_BxLxKxGxH."""
+    b, l, k, g, dh = q_BxLxKxGxH.shape
+    q_BxKxMxH = q_BxLxKxGxH.transpose(0, 2, 3, 1, 4).reshape(b, k, g * l, dh)  # rows m = (g, l)
+    scores = jnp.einsum("bkmd,bkds->bkms", q_BxKxMxH, keys_BxKxHxS,
+                        preferred_element_type=jnp.float32) / math.sqrt(dh)
+    mask_Bx1xMxS = jnp.broadcast_to(mask_BxLxS[:, None, None], (b, 1, g, l, mask_BxLxS.shape[-1])).reshape(
+        b, 1, g * l, -1)
+    scores = jnp.where(mask_Bx1xMxS, scores, jnp.finfo(jnp.float32).min)  # finite floor: see attend
+    probs = jax.nn.softmax(scores, axis=-1).astype(q_BxLxKxGxH.dtype)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, values_BxKxSxH)
+    return out.reshape(b, k, g, l, dh).transpose(0, 3, 1, 2, 4)
+
+
 # Query blocks of causal self-attention: at least this many rows, and at most this many blocks (so the traced
 # graph, one pair of matmuls per block, stays small at long sequences).
 MIN_QUERY_BLOCK, MAX_QUERY_BLOCKS = 64, 16
@@ -272,7 +291,11 @@ def causal_self_attention(q_BxLxKxGxH, keys_BxKxLxH, values_BxKxLxH, q_seg_BxL, 
 
 
 class Attention(nn.Module):
-    """empty_cache: the cache holds nothing before this call (a prefill), so only the L new keys are
+    """With a KV cache (the layer's own keys_BxKxHxS, values_BxKxSxH and the cache index), the L new keys and
+    values are written into it and the updated pair is returned beside the output; without one, causal
+    self-attention over the L tokens and None.
+
+    empty_cache: the cache holds nothing before this call (a prefill), so only the L new keys are
     attended to; the cached part would be fully masked and cost L x S scores (and their memory) for nothing."""
 
     cfg: ModelConfig
@@ -307,27 +330,26 @@ class Attention(nn.Module):
             out = jax.checkpoint(causal_self_attention, prevent_cse=False)(
                 q_BxLxKxGxH, kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), q_seg_BxL, q_slot_BxL, k_seg_BxS)
         else:
-            # The cache is read, never written here: the layer returns only the L new keys/values and
-            # `kv_cache.extend` writes all layers' at once into the (donated) cache. Writing the cache inside the
-            # scanned layer made XLA rebuild the whole [layers, B, S, K, Dh] cache for every token, so
-            # decode cost grew with batch x cache size instead of with the matmuls.
-            cache_k, cache_v, start = kv_cache
-            new_kv = (kk.transpose(0, 2, 1, 3).astype(cache_k.dtype), v.transpose(0, 2, 1, 3).astype(cache_v.dtype))
-            s = cache_k.shape[2]
-            cached_slots_S = jnp.arange(s, dtype=jnp.int32)
-            # Slots from `start` on hold nothing yet (the new tokens are the second part below).
-            cached_BxLxS = (attention_mask(q_seg_BxL, q_slot_BxL, k_seg_BxS, cached_slots_S)
-                            & (cached_slots_S < start)[None, None, :])
-            new_slots_L = start + jnp.arange(l, dtype=jnp.int32)
-            new_seg_BxL = jax.lax.dynamic_slice_in_dim(k_seg_BxS, start, l, axis=1)
-            # The new keys pass through the cache dtype as the cached ones do, so a step sees the same
-            # numbers whether a key was written this call or an earlier one.
-            # The cache is [B, K, S, Dh] (heads before slots): the layout the batched attention matmuls
-            # read directly; [B, S, K, Dh] made XLA transpose-copy the whole cache every layer and token.
-            parts = [(cache_k.astype(q.dtype), cache_v.astype(q.dtype), cached_BxLxS)] * (not self.empty_cache) + [
-                (new_kv[0].astype(q.dtype), new_kv[1].astype(q.dtype),
-                 attention_mask(q_seg_BxL, q_slot_BxL, new_seg_BxL, new_slots_L))]
-            out = attend(q_BxLxKxGxH, parts)
+            # Write, then read what was written: the layer's own buffers get the L new keys and values at the
+            # cache index and the queries attend over the updated buffers, so the write happens in place.
+            # Reading the old buffers and writing them afterwards left XLA free to order the write first, and
+            # it copied every buffer every layer of every token to be safe.
+            cache_kT, cache_v, start = kv_cache
+            new_kT = kk.transpose(0, 2, 3, 1).astype(cache_kT.dtype)  # [B, K, Dh, L]: the cache's key layout
+            new_v = v.transpose(0, 2, 1, 3).astype(cache_v.dtype)
+            new_kv = (jax.lax.dynamic_update_slice_in_dim(cache_kT, new_kT, start, axis=3),
+                      jax.lax.dynamic_update_slice_in_dim(cache_v, new_v, start, axis=2))
+            if self.empty_cache:
+                # Only the L new tokens exist: causal self-attention over them, by query blocks as in training
+                # (their slots counted from `start`). The keys pass through the cache dtype as cached ones do,
+                # so a step sees the same numbers whether a key was written this call or an earlier one.
+                new_seg_BxL = jax.lax.dynamic_slice_in_dim(k_seg_BxS, start, l, axis=1)
+                out = causal_self_attention(q_BxLxKxGxH, new_kT.transpose(0, 1, 3, 2).astype(q.dtype),
+                                            new_v.astype(q.dtype), q_seg_BxL, q_slot_BxL - start, new_seg_BxL)
+            else:
+                slots_S = jnp.arange(cache_v.shape[2], dtype=jnp.int32)
+                out = attend_cache(q_BxLxKxGxH, new_kv[0].astype(q.dtype), new_kv[1].astype(q.dtype),
+                                   attention_mask(q_seg_BxL, q_slot_BxL, k_seg_BxS, slots_S))
         out = out.reshape(b, l, h * dh)
         out = constrain(out, ("batch", "length", "act_heads"))
         o = Linear(
@@ -351,8 +373,7 @@ class MLP(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """One pre-norm layer; the scan carry is the residual stream, the per-layer xs is its KV cache (read
-    only) and the per-layer ys the new tokens' keys and values."""
+    """One pre-norm layer: the residual stream in and out, and the layer's KV cache (see Attention)."""
 
     cfg: ModelConfig
     empty_cache: bool = False
@@ -362,7 +383,8 @@ class DecoderBlock(nn.Module):
         cfg = self.cfg
         kv = None if layer_cache is None else (layer_cache[0], layer_cache[1], cache_start)
         normed = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name="attn_norm")(x_BxLxD)
-        attn_out, new_kv = Attention(cfg, self.empty_cache, name="attn")(normed, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, kv)
+        attn_out, new_kv = Attention(cfg, self.empty_cache, name="attn")(normed, positions_BxL, q_seg_BxL, q_slot_BxL,
+                                                                         k_seg_BxS, kv)
         x_BxLxD = x_BxLxD + attn_out
         normed = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name="mlp_norm")(x_BxLxD)
         x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(normed)
@@ -375,17 +397,26 @@ def _remat_policy(name: str):
 
 
 class Transformer(nn.Module):
-    """empty_cache: see Attention (prefill into a cache that holds nothing yet)."""
+    """empty_cache: see Attention (prefill into a cache that holds nothing yet).
+
+    unstacked: the layers are separate modules `layer_0`, `layer_1`, ... (parameters from `unstack_params`) run
+    in a Python loop; otherwise one `nn.scan` over a stacked `layers` tree (compile time independent of depth,
+    the training form). A KV cache needs unstacked: a scanned layer slices its weights and cache out of the
+    stacked arrays, and XLA:CPU copies each slice every layer of every decoded token (at the M benchmark shape,
+    batch 16, those copies took longer than the matmuls)."""
 
     cfg: ModelConfig
     empty_cache: bool = False
+    unstacked: bool = False
 
     @nn.compact
     def __call__(self, tokens_BxL, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, cache_kv=None, cache_start=0,
                  head=True):
-        """Returns (logits_BxLxV float32, the L new tokens' (k, v) stacked [layers, B, K, L, Dh], or None
-        without a cache): the caller writes them into the cache at cache_start. With head=False the
-        final-normed hidden states x_BxLxD (compute dtype) instead of the logits."""
+        """Returns (logits_BxLxV float32, the cache): with cache_kv, a sequence of per-layer (keys_BxKxHxS,
+        values_BxKxSxH), the list of those pairs with the L new tokens written at cache_start; without, None.
+        With head=False the final-normed hidden states x_BxLxD (compute dtype) instead of the logits."""
+        if cache_kv is not None and not self.unstacked:
+            raise ValueError("Transformer: a KV cache needs unstacked=True (parameters from unstack_params)")
         cfg = self.cfg
         embed = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.compute_dtype),
@@ -401,15 +432,24 @@ class Transformer(nn.Module):
         if cfg.remat_policy != "none":
             # prevent_cse=False is safe (and faster) under scan, which already blocks CSE across iterations.
             block = nn.remat(block, policy=_remat_policy(cfg.remat_policy), prevent_cse=False)
-        layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, self.empty_cache, name="layers")
-        x_BxLxD, new_kv = layers(x_BxLxD, cache_kv, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, cache_start)
+        new_kv = None
+        if self.unstacked:
+            new_kv = []
+            for i in range(cfg.num_layers):
+                x_BxLxD, layer_kv = block(cfg, self.empty_cache, name=f"layer_{i}")(
+                    x_BxLxD, None if cache_kv is None else cache_kv[i], positions_BxL, q_seg_BxL, q_slot_BxL,
+                    k_seg_BxS, cache_start)
+                new_kv.append(layer_kv)
+        else:
+            layers = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, self.empty_cache, name="layers")
+            x_BxLxD, _ = layers(x_BxLxD, None, positions_BxL, q_seg_BxL, q_slot_BxL, k_seg_BxS, cache_start)
         x_BxLxD = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.param_dtype), name="final_norm")(x_BxLxD)
         if not head:
             return x_BxLxD, new_kv
@@ -449,6 +489,18 @@ def param_logical_axes(cfg: ModelConfig) -> dict:
     """Logical PartitionSpecs (names from fwm.mesh.LOGICAL_AXIS_RULES), same tree as `init_params`."""
     abstract = jax.eval_shape(lambda: Transformer(cfg).init(jax.random.key(0), *_dummy_inputs(cfg)))
     return nn.get_partition_spec(abstract)["params"]
+
+
+def unstack_params(cfg: ModelConfig, params: dict) -> dict:
+    """The parameters of `Transformer(cfg, unstacked=True)`: the stacked `layers` tree split into one tree per
+    layer (`layer_0`, ...; a copy of the layer weights), everything else shared."""
+    if "layers" not in params:
+        raise ValueError(f"unstack_params: expected the stacked parameters of init_params (a 'layers' entry), got "
+                         f"keys {sorted(params)}")
+    out = {name: value for name, value in params.items() if name != "layers"}
+    for i in range(cfg.num_layers):
+        out[f"layer_{i}"] = jax.tree.map(lambda stacked: stacked[i], params["layers"])
+    return out
 
 
 def param_shapes(cfg: ModelConfig) -> dict:

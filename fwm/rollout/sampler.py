@@ -36,7 +36,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from fwm.mesh import constrain, local_rows, logical_to_sharding, make_mesh, place_batch, process_reduce, replicated
 from fwm.model import kv_cache, transformer
@@ -131,7 +131,8 @@ def _init_cache(cfg: transformer.ModelConfig, batch: int, length: int) -> kv_cac
     """An empty cache created in place with its shardings: rows over (data, fsdp), so each data-parallel
     shard keeps the keys of the rows it decodes; kv heads over tensor, beside the heads' projections."""
     cache = kv_cache.init_cache(cfg, batch, length)
-    return kv_cache.KVCache(*(constrain(x, tuple(spec)) for x, spec in zip(cache, kv_cache.cache_logical_axes())))
+    return jax.tree.map(lambda spec, x: constrain(x, tuple(spec)), kv_cache.cache_logical_axes(cfg), cache,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
@@ -181,6 +182,7 @@ def _decode(cfg: transformer.ModelConfig, mode: SamplingMode, max_new: int, stop
                           column(state.sampling_BxN, jnp.where(live_B, sampling_B, 0.0)),
                           state.lengths_B + live_B.astype(jnp.int32))
 
+    params = kv_cache.decode_params(cfg, params)  # split once, not every step
     init = _LoopState(jnp.zeros((), jnp.int32), cache, logits_BxV, positions_B, ~row_live_B,
                       jnp.zeros((b, max_new), jnp.int32), jnp.zeros((b, max_new), jnp.float32),
                       jnp.zeros((b, max_new), jnp.float32), jnp.zeros((b,), jnp.int32))
