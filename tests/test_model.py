@@ -219,7 +219,7 @@ def test_blocked_causal_attention_equals_one_softmax_with_packing_and_padding():
         return T.causal_self_attention(q, keys, values, seg, slots, seg)
 
     def full(q, keys, values):
-        return T.attend(q, [(keys, values, T.attention_mask(seg, slots, seg, jnp.arange(length)))])
+        return T.attend(q, keys, values, T.attention_mask(seg, slots, seg, jnp.arange(length)))
 
     np.testing.assert_allclose(np.where(real, blocked(q, keys, values), 0), np.where(real, full(q, keys, values), 0),
                                atol=1e-5)
