@@ -40,13 +40,15 @@ def main() -> None:
     prefill = jax.jit(kv_cache.prefill, static_argnums=0)
     step = jax.jit(kv_cache.decode_step, static_argnums=0)
 
+    step_params = kv_cache.decode_params(cfg, params)  # split once: the stacked ones would be split every step
+
     def naive() -> list[list[int]]:
         cache = kv_cache.init_cache(cfg, args.batch, args.prompt + args.new)
         logits, cache, positions = prefill(cfg, params, cache, jnp.asarray(prompts, jnp.int32))
         token = np.asarray(jnp.argmax(logits[:, -1], axis=-1))
         out = [token]
         for _ in range(args.new - 1):
-            logits, cache = step(cfg, params, cache, jnp.asarray(token, jnp.int32), positions)
+            logits, cache = step(cfg, step_params, cache, jnp.asarray(token, jnp.int32), positions)
             positions = positions + 1
             token = np.asarray(jnp.argmax(logits, axis=-1))  # host sync per token
             out.append(token)
