@@ -14,8 +14,8 @@ It does not learn at this budget. Every stage runs a few dozen steps of a 2-laye
 thousands of steps the learnable setting needs (experiments/synthetic_learnable_train.py: ~40 minutes for
 format and the first search, reading not yet learned), so the table shows the mechanics -- every stage,
 every metric, the figures -- not whether foresight helps: expect scores near 0 and formats far from 100 %.
-The study that asks the paper's question is the paper table on the synthetic search world:
-  fwm pipeline --sweep experiments/sweeps/paper_table.py --workdir /tmp/fwm_paper_table   # hours on CPU
+The study that asks the paper's question is the paper's table on the same setting at the learned budget:
+  fwm pipeline --sweep experiments/synthetic_study.py --workdir /tmp/fwm_study   # days on 2 CPU cores (README)
 
 Variants: micro (seconds per stage: the test suite's end-to-end run).
 """
@@ -31,7 +31,7 @@ learnable_train = load_experiment("synthetic_learnable_train.py", __file__)
 VARIANTS = ("micro",)
 NOTE = ("The quickstart's numbers show the mechanics of the pipeline, not learning: a 2-layer model trained for "
         "a few dozen steps per stage does not learn this task. For the paper's question run the study: "
-        "fwm pipeline --sweep experiments/sweeps/paper_table.py --workdir /tmp/fwm_paper_table")
+        "fwm pipeline --sweep experiments/synthetic_study.py --workdir /tmp/fwm_study")
 
 
 def base_config(micro: bool = False):

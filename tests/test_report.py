@@ -9,8 +9,8 @@ from fwm import report, runs
 from fwm.files import DataFormatError, write_json, write_jsonl
 
 
-def _eval_results(score, ece, bins, curve, selected=None):
-    greedy = {"by_source": {"all": {"episodes": 10, "score": score, "format_adherence": 0.9,
+def _eval_results(score, ece, bins, curve, selected=None, format_adherence=0.9):
+    greedy = {"by_source": {"all": {"episodes": 10, "score": score, "format_adherence": format_adherence,
                                     "response_tokens": 50.0}},
               "calibration": {"steps": {"ece": ece, "brier": 0.2, "auroc": None, "reliability": bins}},
               "keyword_grounding": {"rate": 0.5}, "planning_horizon": {"horizon": None},
@@ -54,7 +54,7 @@ def test_report_of_a_partly_finished_sweep(tmp_path):
                rl=[(2, 0.1, 0.0), (4, 0.3, 0.5)])
     _write_run(workdir, "a", 1, "finished", _eval_results(0.4, 0.3, [_bin(0.1, 1, 0.19, 1.0),
                                                                      _bin(0.8, 2, 0.85, 1.0)], curve, 0.5))
-    _write_run(workdir, "b", 0, "finished", _eval_results(0.0, 0.05, [], curve))
+    _write_run(workdir, "b", 0, "finished", _eval_results(0.0, 0.05, [], curve, format_adherence=0.95))
     _write_run(workdir, "b", 1, "preempted", rl=[(2, 0.0, 0.0)])
     path = report.write_report(workdir)
     page = open(path, encoding="utf-8").read()
@@ -69,12 +69,14 @@ def test_report_of_a_partly_finished_sweep(tmp_path):
     assert header == ["row", "n", "score %", "format %", "ECE", "Brier", "grounding %", "recovery %",
                       "tokens/episode", "selected@k %", "mean@k %", "pass@k %", "paper"]  # AUROC, horizon: None
     a = [c.strip() for c in table[2].strip("|").split("|")]
-    assert a[:5] == ["A", "2", "30.0 ± 14.1", "90.0 ± 0.0", "0.200 ± 0.141"]  # std with ddof=1
+    # std with ddof=1; A's format (90 %) is below 95 %: marked, B's (95 %) is not
+    assert a[:5] == ["A †", "2", "30.0 ± 14.1", "90.0 ± 0.0", "0.200 ± 0.141"]
     assert a[header.index("selected@k %")] == "40.0 ± 14.1" and a[-1] == "50.6"
     b = [c.strip() for c in table[3].strip("|").split("|")]
-    assert b[:3] == ["B", "1", "0.0"] and b[header.index("selected@k %")] == "-"
+    assert b[:4] == ["B", "1", "0.0", "95.0"] and b[header.index("selected@k %")] == "-"
     assert "- b seed 1: preempted" in page and "- c seed 0: not started" in page and "- c seed 1: not started" in page
     assert "a seed 0" not in page.split("## Missing rows")[1].split("## Figures")[0]
+    assert page.count("† format adherence below 95%") == 1
     assert "> mechanics only" in page and "rl_fc_rl 12, eval_full reused" in page
     for name in ("table", "reliability", "risk_coverage", "rl_curves"):
         assert f"figures/{name}.png" in page

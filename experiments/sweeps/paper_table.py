@@ -32,11 +32,9 @@ STANDARD = {"plan.mid_train": "standard", "plan.rl": "grpo"}
 WM_FC_RL = {"plan.mid_train": "wm", "plan.format": "full", "plan.rl": "fc_rl"}
 
 
-def get_config(arg=None):
-    sweep = default_sweep_config()
-    sweep.name = "paper_table"
-    sweep.base = load_experiment("../pipeline_search.py", __file__).get_config(arg)
-    rows = {
+def table_rows() -> dict:
+    """The paper's rows (module docstring) as sweep rows: name -> row(label, overrides, the paper's numbers)."""
+    return {
         "std_sft_rl": row("standard mid-train + SFT + RL", {**STANDARD, "plan.format": "plain"}, "46.1 / 28.0 / 52.2"),
         "std_fesft_rl": row("standard mid-train + FE-SFT + RL", {**STANDARD, "plan.format": "full"},
                             "47.0 / 28.0 / 51.1"),
@@ -51,8 +49,20 @@ def get_config(arg=None):
         "no_ground": row("FC-RL without R_ground", {**WM_FC_RL, "stages.rl.rl.ground_reward": False}, "50.1"),
         "rl_no_sft": row("WM-AMT + FC-RL, no SFT", {**WM_FC_RL, "plan.sft": False}, "23.3"),
     }
-    for name, spec in rows.items():
-        sweep.rows[name] = spec
+
+
+def table_sweep(name: str, base):
+    """The paper's table over the pipeline config `base`: every row, seeds 0, 1, 2."""
+    sweep = default_sweep_config()
+    sweep.name = name
+    sweep.base = base
+    rows = table_rows()
+    for row_name, spec in rows.items():
+        sweep.rows[row_name] = spec
     sweep.order = tuple(rows)
     sweep.seeds = (0, 1, 2)
     return sweep
+
+
+def get_config(arg=None):
+    return table_sweep("paper_table", load_experiment("../pipeline_search.py", __file__).get_config(arg))
