@@ -12,9 +12,10 @@ here every question has entities of its own, the constant answer is worth ~0 %, 
 reaches 60.7 % held out after stage 0 and plain SFT (README "Measured"). Every stage runs at the budget of
 that measured recipe (experiments/synthetic_learnable_train.py):
 
-  data       synthetic_learnable.py (2,800 SFT, 200 RL, 1,000 mid-training, 300 held-out questions), every SFT
-             sample fitted to the 768-token SFT rows; stage 0's corpus leaves out the documents of the RL
-             questions too (RL rollouts that recalled them would train recall, not reading)   shared by all
+  data       synthetic_learnable.py:noisy_sft (2,800 SFT, 200 RL, 1,000 mid-training, 300 held-out questions):
+             SFT on the noisy policy's successful trajectories, so q varies (the oracle's is always 100);
+             every SFT sample fitted to the 768-token SFT rows; stage 0's corpus leaves out the documents of
+             the RL questions too (RL that recalled them would train recall, not reading)   shared by all
   stage 0    600 steps of 16 x 256 tokens on the world's documents (no held-out question's)   per seed
   mid-train  1 epoch of its corpus per arm (standard / WM-AMT / IWM: equal epochs, the WM-AMT corpus is
              longer so it gets more steps)                                             per arm and seed
@@ -51,7 +52,10 @@ def base_config(runlocal: bool = False):
     small = ",runlocal" if runlocal else ""
     c = default_pipeline_config()
     c.name = "wm_fesft_fcrl"
-    c.data = learnable_data.get_config("runlocal" if runlocal else None)
+    # noisy_sft: SFT on the noisy policy's successful trajectories (the oracle's where none succeeded), whose
+    # Monte Carlo q varies with the step (the oracle's continuations always succeed: q = 100 at every step, so
+    # calibration, A_S and R_calib would say nothing)
+    c.data = learnable_data.get_config("noisy_sft,runlocal" if runlocal else "noisy_sft")
     c.data.corpora.sft_max_tokens = SFT_SEQ_LEN
     c.data.corpora.pretrain_rl_documents = False  # RL must read its tasks' documents, as held-out questions must
     pretrain = learnable_train.get_config("pretrain" + small)

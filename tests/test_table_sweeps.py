@@ -49,6 +49,8 @@ def test_the_synthetic_study_compares_sft_formats_at_equal_epochs():
     assert {c.data.corpus for c in sft.values()} == {"sft_plain", "sft_full", "sft_state"}
     assert {(c.train.epochs, c.data.seq_len) for c in sft.values()} == {(5.0, 768)}
     assert s.base.data.corpora.sft_max_tokens == 768  # every SFT sample fits its row whole
+    assert list(s.base.data.corpora.sft_policies) == ["noisy", "oracle"]  # q varies: not the oracle's constant 100
+    assert not s.base.data.corpora.pretrain_rl_documents
     mid = [plans[(row, 0)][2].config.train.epochs for row in ("std_sft_rl", "iwm_rl", "wm_fesft_fcrl")]
     assert mid == [1.0, 1.0, 1.0]
     evaluation = plans[("wm_fesft_fcrl", 0)][-1].config
