@@ -5,6 +5,7 @@ redone with the eval after it, the stages before it are reused; a sweep row that
 arm reuses its directory. The report's table and figures hold numbers."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 import pytest
 
 from fwm import pipeline, runs, sweep
+from fwm import report as report_lib
 from fwm.configlib import ConfigError, load_experiment
 from fwm.files import read_json, read_jsonl
 
@@ -96,7 +98,7 @@ def test_every_stage_runs_and_the_report_holds_numbers(finished):
     assert results["greedy"]["by_source"]["all"]["episodes"] == 4 and results["sampled"]["k"] == 2
 
     report = open(os.path.join(workdir, runs.REPORT), encoding="utf-8").read()
-    table = [line for line in report.splitlines() if line.startswith("| standard mid-train + SFT + GRPO |")]
+    table = [line for line in report.splitlines() if line.startswith("| standard mid-train + SFT + GRPO ")]
     assert len(table) == 1
     cells = [cell.strip() for cell in table[0].strip("|").split("|")]
     header = [line for line in report.splitlines() if line.startswith("| row | n |")][0]
@@ -105,6 +107,8 @@ def test_every_stage_runs_and_the_report_holds_numbers(finished):
     for column in ("score %", "format %", "recovery %", "selected@k %", "tokens/episode"):
         float(cells[columns.index(column)])  # a number, not '-'
     assert cells[columns.index("n")] == "1" and cells[columns.index("paper")] == "46.1"
+    marked = float(cells[columns.index("format %")]) < 100 * report_lib.MIN_FORMAT  # the micro row's format is low
+    assert cells[0] == "standard mid-train + SFT + GRPO" + (" †" if marked else "")
     for name in ("table.png", "rl_curves.png"):
         with open(os.path.join(workdir, runs.FIGURES_DIR, name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -157,7 +161,7 @@ def test_sweep_rows_share_the_mid_training_stage(finished):
     done = subprocess.run([sys.executable, "-m", "fwm.cli", "report", workdir], capture_output=True, text=True,
                           cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "| standard mid-train + SFT + GRPO | 1 |" in done.stdout
+    assert re.search(r"^\| standard mid-train \+ SFT \+ GRPO( †)? \| 1 \|", done.stdout, re.M), done.stdout
 
 
 def test_config_errors_name_the_key(tmp_path):
