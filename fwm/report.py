@@ -27,6 +27,7 @@ from fwm.files import atomic_open, read_json, read_jsonl
 PCT, NUM = "pct", "num"
 MIN_FORMAT = 0.95   # below it a row's score may measure format, not capability (module docstring)
 FORMAT_MARK = "†"
+RESULTS_HEADER = "| row | n | "   # the first cells of the results table's header (table_text finds it by them)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +196,7 @@ def markdown(workdir: str, rows: Sequence[RowRuns], sweep: Mapping[str, Any] | N
     finished = [r for r in rows if r.evals]
     if finished:
         has_reference = any(r.reference for r in finished)
-        lines.append("| row | n | " + " | ".join(m.header for m in shown) + (" | paper |" if has_reference else " |"))
+        lines.append(RESULTS_HEADER + " | ".join(m.header for m in shown) + (" | paper |" if has_reference else " |"))
         lines.append("|---|---|" + "---|" * len(shown) + ("---|" if has_reference else ""))
         marked = [r.row for r in finished if format_limited(values[r.row])]
         for r in finished:
@@ -284,13 +285,14 @@ def write_report(workdir: str) -> str:
 
 
 def table_text(report_path: str) -> str:
-    """The report's first table (what `fwm pipeline` prints at the end)."""
+    """The report's table of rows x metrics (what `fwm pipeline` prints at the end), with its format note."""
     with open(report_path, encoding="utf-8") as f:
         lines = f.read().splitlines()
-    table_lines = []
+    table_lines: list[str] = []
     for line in lines:
-        if line.startswith("|"):
+        if line.startswith(RESULTS_HEADER) or (table_lines and line.startswith("|")):
             table_lines.append(line)
         elif table_lines:
             break
-    return "\n".join(table_lines) or "(no row has finished its evaluation yet)"
+    note = [line for line in lines if line.startswith(f"{FORMAT_MARK} format adherence below")]
+    return "\n".join(table_lines + note) or "(no row has finished its evaluation yet)"

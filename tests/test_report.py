@@ -84,6 +84,18 @@ def test_report_of_a_partly_finished_sweep(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_table_text_is_the_results_table_or_says_none_finished(tmp_path):
+    workdir = str(tmp_path)
+    _write_run(workdir, "a", 0, "preempted")
+    path = report.write_report(workdir)
+    assert "| a | A |" in open(path, encoding="utf-8").read()  # the configuration table is there
+    assert report.table_text(path) == "(no row has finished its evaluation yet)"  # and is not the results table
+    _write_run(workdir, "b", 0, "finished", _eval_results(0.5, 0.1, [], []))
+    text = report.table_text(report.write_report(workdir)).splitlines()
+    assert text[0].startswith("| row | n | score %") and text[2].startswith("| B † | 1 | 50.0 |")
+    assert len(text) == 4 and text[3].startswith("† format adherence below 95%")
+
+
 def test_a_bad_row_record_names_the_file(tmp_path):
     path = tmp_path / "runs" / "a" / "seed0" / "row.json"
     write_json(path, {"row": "a", "seed": 0})
