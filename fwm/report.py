@@ -27,6 +27,8 @@ from fwm.files import atomic_open, read_json, read_jsonl
 PCT, NUM = "pct", "num"
 MIN_FORMAT = 0.95   # below it a row's score may measure format, not capability (module docstring)
 FORMAT_MARK = "†"
+FORMAT_NOTE = (f"{FORMAT_MARK} format adherence below {MIN_FORMAT:.0%}: the paper compares rows at equal format (its "
+               "FE-SFT alone reaches 99.9 %), so this row's gap may be format, not capability.")
 RESULTS_HEADER = "| row | n | "   # the first cells of the results table's header (table_text finds it by them)
 
 
@@ -198,18 +200,15 @@ def markdown(workdir: str, rows: Sequence[RowRuns], sweep: Mapping[str, Any] | N
         has_reference = any(r.reference for r in finished)
         lines.append(RESULTS_HEADER + " | ".join(m.header for m in shown) + (" | paper |" if has_reference else " |"))
         lines.append("|---|---|" + "---|" * len(shown) + ("---|" if has_reference else ""))
-        marked = [r.row for r in finished if format_limited(values[r.row])]
         for r in finished:
             cells = values[r.row]
             n = max((cells[m.key][2] for m in shown), default=len(r.evals))
-            label = f"{r.label} {FORMAT_MARK}" if r.row in marked else r.label
+            label = f"{r.label} {FORMAT_MARK}" if format_limited(cells) else r.label
             lines.append(f"| {label} | {n} | " + " | ".join(_cell(*cells[m.key][:2], m) for m in shown)
                          + (f" | {r.reference or '-'} |" if has_reference else " |"))
         lines.append("")
-        if marked:
-            lines += [f"{FORMAT_MARK} format adherence below {MIN_FORMAT:.0%}: the paper compares rows at equal "
-                      "format (its FE-SFT alone reaches 99.9 %), so this row's gap may be format, not capability.",
-                      ""]
+        if any(format_limited(values[r.row]) for r in finished):
+            lines += [FORMAT_NOTE, ""]
     else:
         lines += ["No row has finished its evaluation yet.", ""]
     expected_rows = list((sweep or {}).get("rows", [])) or [r.row for r in rows]
@@ -294,5 +293,5 @@ def table_text(report_path: str) -> str:
             table_lines.append(line)
         elif table_lines:
             break
-    note = [line for line in lines if line.startswith(f"{FORMAT_MARK} format adherence below")]
+    note = [line for line in lines if line == FORMAT_NOTE]
     return "\n".join(table_lines + note) or "(no row has finished its evaluation yet)"
