@@ -155,7 +155,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.correct_threshold = 1.0               # I = 1 (R_calib) iff the outcome reward >= this
     c.rl.format_penalty = 0.0                  # R_E = outcome - format_penalty * (1 - format adherence)
     c.rl.future_start = "observation"          # where tau_{>t} starts for R_ground (trajectories.future)
-    c.rl.ground_match = "found"                # R_ground's R_match: found | beyond_action (trajectories.future)
+    c.rl.ground_match = "new_evidence"         # R_ground's R_match: found | beyond_action | new_evidence (future.py)
+    c.rl.ground_no_future = "group_mean"       # the final answer's R_ground: group_mean | zero (fwm.rl.rewards)
     c.rl.calib_reward = True                   # R_calib in the world-model span reward
     c.rl.ground_reward = True                  # R_ground in the world-model span reward
     c.rl.omega = 0.2                           # policy span: A_E + omega * A_S (paper: 0.2 search, 0.1 math)
@@ -258,7 +259,7 @@ def check_rl_values(rl: ml_collections.ConfigDict) -> None:
     from fwm.envs.scoring import QA_METRICS
     from fwm.rl.advantages import ESTIMATORS
     from fwm.rl.losses import AGGREGATIONS
-    from fwm.rl.rewards import OUTCOME_METRICS
+    from fwm.rl.rewards import NO_FUTURE_RULES, OUTCOME_METRICS
 
     _require(rl.variant in VARIANTS, "rl.variant", f"one of {VARIANTS}", rl.variant)
     _require(rl.group_size >= 2, "rl.group_size", "an int >= 2 (a group of one has no baseline)", rl.group_size)
@@ -279,6 +280,10 @@ def check_rl_values(rl: ml_collections.ConfigDict) -> None:
     _require(rl.format_penalty >= 0, "rl.format_penalty", "a value >= 0", rl.format_penalty)
     _require(rl.future_start in FUTURE_STARTS, "rl.future_start", f"one of {FUTURE_STARTS}", rl.future_start)
     _require(rl.ground_match in GROUND_MATCHES, "rl.ground_match", f"one of {GROUND_MATCHES}", rl.ground_match)
+    _require(rl.ground_match != "new_evidence" or rl.future_start == "observation", "rl.future_start",
+             "'observation' with rl.ground_match='new_evidence' (no action is evidence)", rl.future_start)
+    _require(rl.ground_no_future in NO_FUTURE_RULES, "rl.ground_no_future", f"one of {NO_FUTURE_RULES}",
+             rl.ground_no_future)
     _require(rl.omega >= 0, "rl.omega", "a value >= 0", rl.omega)
     _require(rl.advantage in ESTIMATORS, "rl.advantage", f"one of {tuple(ESTIMATORS)}", rl.advantage)
     _require(rl.wm_advantage in ("",) + tuple(ESTIMATORS), "rl.wm_advantage",

@@ -7,6 +7,9 @@ The pipeline config (`default_pipeline_config()`, experiments/pipeline_*.py star
                            it (report only)
   seed                     the training seed of every stage (train.seed, data.seed, the eval's episode seed);
                            the world and corpora are shared by all seeds
+  unseeded_stages          stages that run with seed 0 whatever `seed` is (default none): ("pretrain",
+                           "mid_train", "sft") makes a row's seeds vary RL (and eval) only, on one shared SFT
+                           checkpoint, which tells the RL's variance from the whole pipeline's
   plan                     which stages run: pretrain (stage 0 on the world's documents: knowledge world only),
                            mid_train (none | standard | wm | iwm: corpus mid_train_plain | mid_train_wm | iwm),
                            sft (bool), format (plain | state | full: the response format of SFT, RL and eval),
@@ -78,6 +81,8 @@ TRAIN_NOT_FINGERPRINTED = ("train.workdir", "train.log_every", "train.ckpt_every
                            "train.async_checkpoint", "train.peak_flops_per_device", "data.worker_count",
                            "data.read_threads", "rl.env_threads", "init.source", "tokenizer.path", "data.manifest",
                            "data.train_files", "data.eval_files", "rl.index_dir")
+# The supervised stages never read the `rl` section: a change of an RL default must not redo stage 0 to SFT.
+SUPERVISED_NOT_FINGERPRINTED = ("rl",)
 DATA_NOT_FINGERPRINTED = ("workdir", "workers", "chunk_size", "progress")
 EVAL_NOT_FINGERPRINTED = ("workdir", "progress", "env.threads", "checkpoint", "data_dir", "tokenizer")
 
@@ -133,6 +138,7 @@ def default_pipeline_config() -> ml_collections.ConfigDict:
     c.reference = ""
     c.workdir = ""
     c.seed = 0
+    c.unseeded_stages = ()
     c.plan = ml_collections.ConfigDict(dict(pretrain=True, mid_train="wm", sft=True, format="full", rl="fc_rl",
                                             eval=True))
     c.init = ml_collections.ConfigDict(dict(source="scratch"))
@@ -182,6 +188,11 @@ def _data_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(c.data.to_dict())
 
 
+def stage_seed(c: ml_collections.ConfigDict, name: str) -> int:
+    """The seed stage `name` runs with: the row's, or 0 for the `unseeded_stages`."""
+    return 0 if name in c.unseeded_stages else int(c.seed)
+
+
 def _training_config(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
     """The full training config of stage `name` (paths empty: the runner fills them)."""
     full = train_config_lib.default_config()
@@ -189,7 +200,7 @@ def _training_config(c: ml_collections.ConfigDict, name: str) -> ml_collections.
     full.update(section)
     full.model = ml_collections.ConfigDict(c.model.to_dict())
     full.stage = name
-    full.train.seed = full.data.seed = int(c.seed)
+    full.train.seed = full.data.seed = stage_seed(c, name)
     p = c.plan
     if name == "pretrain":
         full.data.corpus = "pretrain"
@@ -209,7 +220,7 @@ def _training_config(c: ml_collections.ConfigDict, name: str) -> ml_collections.
 
 def _eval_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     full = ml_collections.ConfigDict(c.eval.to_dict())
-    full.seed = int(c.seed)
+    full.seed = stage_seed(c, "eval")
     full.prompt.variant = c.plan.format
     full.env.topk = int(c.data.env.topk)
     full.env.metric = c.data.env.metric
@@ -239,7 +250,8 @@ def plan(c: ml_collections.ConfigDict) -> list[StageSpec]:
     parent_fp, source = data_fp, c.init.source
     for name in planned_stages(c):
         config = _training_config(c, name)
-        shown = _without(config.to_dict(), TRAIN_NOT_FINGERPRINTED)
+        unread = TRAIN_NOT_FINGERPRINTED + (() if name == "rl" else SUPERVISED_NOT_FINGERPRINTED)
+        shown = _without(config.to_dict(), unread)
         stage_fp = fingerprint(FORMAT_VERSION, name, parent_fp, data_fp, source, shown)
         specs.append(StageSpec(name, _label(c, name), stage_fp, config, shown))
         parent_fp, source = stage_fp, "previous stage"
@@ -281,6 +293,8 @@ def validate_pipeline_config(config: ml_collections.ConfigDict) -> ml_collection
     require(p.rl in RL_ALGORITHMS, "plan.rl", f"one of {RL_ALGORITHMS}", p.rl)
     require(p.rl != "fc_rl" or p.format == "full", "plan.rl",
             f"'grpo' or 'none' with plan.format={p.format!r} (FC-RL needs the full format's confidence)", p.rl)
+    require(set(c.unseeded_stages) <= set(TRAINING_STAGES + ("eval",)), "unseeded_stages",
+            f"stage names of {TRAINING_STAGES + ('eval',)}", tuple(c.unseeded_stages))
     require(bool(planned_stages(c)) or not p.eval, "plan", "at least one training stage to evaluate", p.to_dict())
     require(re.fullmatch(r"scratch|orbax:.+|hf:.+", c.init.source) is not None, "init.source",
             "'scratch', 'orbax:PATH' or 'hf:PATH'", c.init.source)

@@ -65,6 +65,9 @@ METRICS = (
     Metric("ece", "ECE", NUM, _path("greedy", "calibration", "steps", "ece"), 3),
     Metric("brier", "Brier", NUM, _path("greedy", "calibration", "steps", "brier"), 3),
     Metric("auroc", "AUROC", NUM, _path("greedy", "calibration", "steps", "auroc"), 3),
+    # E[q] (eval foresight.expected_q): the model's belief rather than the greedy mode; shown where it ran
+    Metric("ece_expected", "ECE E[q]", NUM, _path("greedy", "expected_q", "steps", "ece"), 3),
+    Metric("auroc_expected", "AUROC E[q]", NUM, _path("greedy", "expected_q", "steps", "auroc"), 3),
     Metric("grounding", "grounding %", PCT, _path("greedy", "keyword_grounding", "rate")),
     Metric("horizon", "horizon", NUM, _path("greedy", "planning_horizon", "horizon"), 2),
     Metric("recovery", "recovery %", PCT, _path("greedy", "recovery", "rate")),

@@ -38,7 +38,7 @@ def test_fwm_eval_end_to_end_on_a_random_model(tmp_path):
     done = _fwm("eval", "--config", "experiments/eval.py:runlocal,sampled", f"--config.checkpoint={tmp_path / 'ckpt'}",
                 f"--config.data_dir={data}", "--config.max_tasks=3", "--config.sampling.k=2",
                 "--config.sampling.max_new_tokens=24", "--config.env.max_turns=3", "--config.progress=False",
-                "--workdir", str(out))
+                "--config.foresight.expected_q=True", "--workdir", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "eval.json").read_text())
     greedy, sampled = results["greedy"]["by_source"]["all"], results["sampled"]["by_source"]["all"]
@@ -48,6 +48,11 @@ def test_fwm_eval_end_to_end_on_a_random_model(tmp_path):
     assert results["constant_answer"]["all"]["exact_match"]["value"] > 0
     assert results["greedy"]["gold_chain"]["episodes"] == 3
     _check_world_model_keys(results, out)
+    # E[q] over every greedy step that wrote <confidence> (random text: few or none), the others counted missing
+    expected = results["greedy"]["expected_q"]
+    steps = sum(len(row["steps"]) for _, row in read_jsonl(out / "episodes_greedy.jsonl"))
+    assert expected["steps"]["count"] + expected["steps"]["missing"] == steps and expected["values"][-1] == 100
+    assert expected["last_step"]["count"] + expected["last_step"]["missing"] == 3
     assert isinstance(sampled["selected@2"], float) and 0.0 <= sampled["selected@2"] <= 1.0
     page = (out / "eval.md").read_text()
     assert "| all | 3 |" in page and "mean@2" in page and "Best constant answers" in page

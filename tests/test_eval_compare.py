@@ -62,3 +62,13 @@ def test_compare_runs_reads_eval_workdirs_and_the_cli_exits_on_a_small_gain(tmp_
         compare.compare_runs(str(before), str(after))
     with pytest.raises(FileNotFoundError, match="share no episodes"):
         compare.compare_runs(str(before), str(tmp_path))
+
+
+def test_mean_task_success_over_seeds_by_hand():
+    seeds = [{"a": 1.0, "b": 0.0, "c": 1.0}, {"a": 0.0, "b": 0.0, "c": 1.0, "d": 1.0}]
+    # d was scored by one run only: left out; a is 1 then 0 -> 0.5.
+    assert compare.mean_task_success(seeds) == {"a": 0.5, "b": 0.0, "c": 1.0}
+    gain = compare.paired_gain({"a": 0.0, "b": 0.0, "c": 1.0}, compare.mean_task_success(seeds))
+    assert (gain.gain, gain.improved, gain.worsened) == (pytest.approx(0.5 / 3), 1, 0)
+    with pytest.raises(ValueError, match="at least one run"):
+        compare.mean_task_success([])

@@ -1,4 +1,6 @@
 """FC-RL advantages on hand-computed cases: the estimators, A_E, A_S, A_WM, the policy advantage, token layout."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -86,6 +88,23 @@ def test_reward_switches_and_plain_grpo():
     np.testing.assert_allclose(plain.world_model_N, a_e[plain.episode_index_N])
     with pytest.raises(ValueError, match="calib or ground"):
         adv.world_model_advantage([0.0], [0.0], [0], [0], "grpo", calib=False, ground=False)
+
+
+def test_a_final_answer_without_future_takes_its_step_groups_mean_r_ground():
+    # Episode 0 answers at step 1 (R_ground NaN: nothing follows); in its step group, episode 2's step 1 has 0.0.
+    imputed = adv.ground_with_no_future_imputed([0.5, np.nan, 0.0, np.nan, 1.0, np.nan],
+                                                [(0, 0), (0, 1), (0, 0), (0, 1), (0, 1), (0, 2)])
+    # step 1: the defined values 1.0 -> both NaNs take 1.0; step 2: none defined -> 0.
+    np.testing.assert_allclose(imputed, [0.5, 1.0, 0.0, 1.0, 1.0, 0.0])
+    group = [GROUP[0], GROUP[1], GROUP[2]]
+    answered = dataclasses.replace(GROUP[0], r_ground_T=np.asarray([0.5, np.nan]))
+    out = adv.span_advantages([answered] + group[1:], [0, 0, 0], estimator="dr_grpo", omega=0.5)
+    # step 1: R_WM = 0.99 + 0.0 (imputed: episode 2's 0.0) and 0.84 + 0.0 -> +-0.075; step 0 as before.
+    np.testing.assert_allclose(out.world_model_N, [0.46666667, 0.075, -0.82333333, 0.35666667, -0.075, 0.0],
+                               atol=1e-7)
+    # Without R_ground the NaN is not read at all.
+    no_ground = adv.span_advantages([answered] + group[1:], [0, 0, 0], estimator="dr_grpo", ground=False)
+    assert np.isfinite(no_ground.world_model_N).all()
 
 
 def test_world_model_span_can_take_its_own_estimator():

@@ -83,6 +83,42 @@ def test_r_ground_beyond_action_refuses_keywords_that_repeat_the_query():
                                [1.0, 0.5, 0.0])
 
 
+# FC-RL's R_ground shortcuts, as the policy found them (README, "What FC-RL learned from R_ground"): the answer
+# is known after step 1, and the agent searches on instead of answering. Step 2 searches the question's
+# relation phrase (found in any passage), step 3 repeats step 1's search (the passage it already read).
+DETOUR = [
+    (Action("search", "Vezera"), ["Vezera", "mayor"], 100,
+     "Doc 1(Title: Vezera) The mayor of Vezera is Repava Tiboza."),
+    (Action("search", "the mayor of"), ["the mayor of", "Repava Tiboza"], 100,
+     "Doc 1(Title: Butaro) The mayor of Butaro is Lilare Fuloge."),
+    (Action("search", "Vezera"), ["Repava Tiboza", "Vezera"], 100,
+     "Doc 1(Title: Vezera) The mayor of Vezera is Repava Tiboza."),
+    (Action("answer", "Repava Tiboza"), ["Repava Tiboza"], 100, ""),
+]
+
+
+def test_new_evidence_closes_the_shortcuts_that_found_rewards():
+    episode = _episode(DETOUR, final_answer="Repava Tiboza")
+    # 'found' over tau_{>t}: step 0's "Vezera" and "mayor" are in its own search's passage; step 1's "the mayor of"
+    # is in any passage and "Repava Tiboza" in the repeated passage and in the answer action; step 2's keywords are
+    # in the answer action; the answer's keyword has nothing after it.
+    found = rewards.episode_rewards(episode)
+    np.testing.assert_allclose(found.r_ground_T, [1.0, 1.0, 1.0, 0.0])
+    # 'new_evidence': no own query (step 0's "Vezera", step 1's "the mayor of", step 2's "Vezera"), no action text
+    # (the answer), no passage read before (step 2's is step 0's): only step 0's "mayor" and step 1's
+    # "Repava Tiboza"... which only the repeated passage holds, so it is not new evidence either.
+    new = rewards.episode_rewards(episode, ground_match="new_evidence")
+    np.testing.assert_allclose(new.r_ground_T, [0.5, 0.0, 0.0, 0.0])
+    # The final answer's block: 0 by the literal rule, NaN (its step group's mean) by 'group_mean'.
+    neutral = rewards.episode_rewards(episode, ground_match="new_evidence", ground_no_future="group_mean")
+    np.testing.assert_allclose(neutral.r_ground_T, [0.5, 0.0, 0.0, np.nan])
+    # Only the last step, and only an answer: a search cut off by the turn budget keeps its R_ground.
+    cut = _episode(DETOUR[:3], score=0.0, final_answer=None)
+    assert not np.isnan(rewards.episode_rewards(cut, ground_no_future="group_mean").r_ground_T).any()
+    with pytest.raises(ValueError, match="final answer's R_ground"):
+        rewards.episode_rewards(episode, ground_no_future="mean")
+
+
 def test_episode_rewards_by_hand():
     r = rewards.episode_rewards(_episode())
     assert (r.outcome, r.reward, r.correct, r.format_adherence) == (1.0, 1.0, True, 1.0)

@@ -46,7 +46,8 @@ def test_rewards_and_advantages_group_by_task():
     rewards, adv = rollout_data.rollout_advantages(EPISODES, _rl())
     assert [r.outcome for r in rewards] == [1.0, 0.0, 1.0, 1.0]
     np.testing.assert_allclose(rewards[0].r_calib_T, [1 - 0.2 ** 2, 1 - 0.1 ** 2])
-    np.testing.assert_allclose(rewards[0].r_ground_T, [1.0, 0.0])  # Paris is observed after step 0 only
+    # Paris is observed after step 0; nothing follows the answer (NaN: its step group's mean stands in)
+    np.testing.assert_allclose(rewards[0].r_ground_T, [1.0, np.nan])
     assert rewards[2].r_calib_T[0] == 0.0 and rewards[2].format_adherence == 0.5  # the garbage step
     # Task a: rewards 1, 0 -> A_E +-0.5; task b: 1, 1 -> 0 (not mixed with task a's mean 0.5).
     np.testing.assert_allclose(adv.episode_N, [0.5, 0.5, -0.5, 0, 0, 0])
@@ -54,7 +55,8 @@ def test_rewards_and_advantages_group_by_task():
     # and 0.5 -> -+0.25; policy = A_E + 0.5 A_S.
     np.testing.assert_allclose(adv.confidence_N, [0.1, 0.0, -0.1, -0.25, 0.0, 0.25])
     np.testing.assert_allclose(adv.policy_N, [0.55, 0.5, -0.55, -0.125, 0.0, 0.125])
-    # World model, task b step 0: R_WM = 0 + 0 (garbage) vs 0.75 + 0 (nothing follows an answer) -> -+0.375.
+    # World model, task b step 0: R_WM = 0 + 0 (garbage) vs 0.75 + 0 (nothing follows the answer: the group's
+    # mean R_ground over steps that have a future, the garbage step's 0) -> -+0.375.
     np.testing.assert_allclose(adv.world_model_N[[3, 5]], [-0.375, 0.375])
 
 
@@ -97,3 +99,7 @@ def test_rollout_metrics():
     assert metrics["outcome"] == 0.75 and metrics["correct"] == 0.75
     assert metrics["steps_per_episode"] == 1.5 and metrics["format_adherence"] == pytest.approx(0.875)
     assert metrics["confidence_ok"] == pytest.approx(5 / 6)
+    # R_ground over the 2 steps it is defined for (4 of the 6 end an episode with its answer): 1 and 0.
+    assert metrics["r_ground"] == pytest.approx(0.5)
+    zero_rule = rollout_data.rollout_advantages(EPISODES, _rl(ground_no_future="zero"))
+    assert rollout_data.rollout_metrics(EPISODES, *zero_rule)["r_ground"] == pytest.approx(1 / 6)

@@ -283,6 +283,8 @@ def test_without_kl_no_reference_is_read():
     ("clip_eps_low", 1.0, "rl.clip_eps_low"),
     ("outcome_metric", "bleu", "rl.outcome_metric"),
     ("future_start", "now", "rl.future_start"),
+    ("future_start", "action", "rl.future_start.*new_evidence"),  # no action is new evidence
+    ("ground_no_future", "mean", "rl.ground_no_future"),
     ("old_logprobs", "reference", "rl.old_logprobs"),
 ])
 def test_rl_config_values_are_checked(key, value, message):

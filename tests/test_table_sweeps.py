@@ -8,11 +8,12 @@ import os
 import pytest
 
 from fwm import pipeline, sweep
-from fwm.configlib import load_experiment
+from fwm.configlib import ConfigError, load_experiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLES = {"paper_table": os.path.join(REPO, "experiments", "sweeps", "paper_table.py"),
-          "synthetic_study": os.path.join(REPO, "experiments", "synthetic_study.py")}
+          "synthetic_study": os.path.join(REPO, "experiments", "synthetic_study.py"),
+          "rl_arms": os.path.join(REPO, "experiments", "sweeps", "rl_arms.py")}
 
 
 def _plans(name, arg):
@@ -56,3 +57,44 @@ def test_the_synthetic_study_compares_sft_formats_at_equal_epochs():
     evaluation = plans[("wm_fesft_fcrl", 0)][-1].config
     assert (evaluation.sampling.k, evaluation.sampling.max_new_tokens, evaluation.env.max_turns) == (4, 256, 6)
     assert evaluation.max_tasks == 0  # all 300 held-out questions
+
+
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_the_rl_arms_vary_rl_seeds_on_one_sft_checkpoint_shared_with_the_study(arg):
+    s, plans = _plans("rl_arms", arg)
+    fingerprints = collections.defaultdict(set)
+    for specs in plans.values():
+        for spec in specs:
+            fingerprints[spec.name].add(spec.fingerprint)
+    # 5 rows x 3 seeds: one data, stage 0, WM-AMT and FE-SFT stage; 4 RL arms x 3 RL seeds; 15 evals.
+    assert {stage: len(fps) for stage, fps in fingerprints.items()} == \
+        {"data": 1, "pretrain": 1, "mid_train": 1, "sft": 1, "rl": 12, "eval": 15}
+    # ... and they are the study's seed-0 stages: the same WORKDIR reuses its FE-SFT checkpoint.
+    _, study = _plans("synthetic_study", arg)
+    assert [spec.fingerprint for spec in study[("wm_fesft_fcrl", 0)][:4]] == \
+        [spec.fingerprint for spec in plans[("fc_rl", 2)][:4]]
+    rl = {row: plans[(row, 1)][-2].config for row in ("grpo", "fc_rl", "fc_rl_literal", "no_ground")}
+    assert {c.train.seed for c in rl.values()} == {1}
+    assert [(c.rl.ground_match, c.rl.ground_no_future) for c in rl.values()][1:3] == \
+        [("new_evidence", "group_mean"), ("found", "zero")]
+    assert [c.rl.ground_reward for c in rl.values()] == [False, True, True, False]
+    assert plans[("fc_rl", 1)][-1].config.sampling.k == 0  # greedy only: one answer per question, paired
+
+
+def test_unseeded_stages_are_checked():
+    s, _ = _plans("rl_arms", "runlocal")
+    s.base.unseeded_stages = ("sft", "rlhf")
+    with pytest.raises(ConfigError, match="unseeded_stages"):
+        sweep.row_config(s, "fc_rl", 1, "/unused")
+
+
+def test_an_rl_key_redoes_rl_and_eval_only():
+    s, plans = _plans("rl_arms", "runlocal")
+    s.base.stages.rl.rl.ground_match = "beyond_action"  # the supervised stages do not read the rl section
+    s.base.stages.sft.rl.clip_eps_low = 0.1
+    changed = pipeline.plan(sweep.row_config(s, "fc_rl", 0, "/unused"))
+    before = plans[("fc_rl", 0)]
+    assert [a.fingerprint == b.fingerprint for a, b in zip(before, changed)] == [True] * 4 + [False, False]
+    s.base.stages.sft.optim.lr = 1e-3
+    changed = pipeline.plan(sweep.row_config(s, "fc_rl", 0, "/unused"))
+    assert [a.fingerprint == b.fingerprint for a, b in zip(before, changed)] == [True] * 3 + [False] * 3

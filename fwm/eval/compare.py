@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -73,6 +73,16 @@ def paired_gain(before: Mapping[str, float], after: Mapping[str, float], *, kind
                       gain=float(diff_N.mean()), low=float(np.quantile(means, tail)),
                       high=float(np.quantile(means, 1.0 - tail)), confidence=confidence,
                       improved=int((diff_N > 0).sum()), worsened=int((diff_N < 0).sum()))
+
+
+def mean_task_success(runs: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Task id -> mean success over `runs` (e.g. one eval per RL seed), over the tasks every run scored: paired
+    with the baseline by `paired_gain`, its interval covers the questions for the seeds' mean policy, while the
+    spread of the runs' own gains shows the seed-to-seed variation it does not cover."""
+    if not runs:
+        raise ValueError("mean_task_success needs at least one run")
+    shared = set(runs[0]).intersection(*runs[1:])
+    return {task_id: float(np.mean([run[task_id] for run in runs])) for task_id in sorted(shared)}
 
 
 def compare_runs(before_dir: str, after_dir: str, **kwargs) -> list[PairedGain]:

@@ -56,6 +56,12 @@ def default_eval_config() -> ml_collections.ConfigDict:
     c.sampling.temperature = 1.0      # for the k samples
     c.sampling.top_k = 0              # 0: off
     c.sampling.top_p = 1.0            # 1: off
+    c.foresight = ml_collections.ConfigDict()
+    # E[q] of every greedy step from the model's probabilities of the <confidence> values (fwm.eval.expected_q):
+    # calibration of the belief, not of the greedy mode. Costs one forward row per step and grid value.
+    c.foresight.expected_q = False
+    c.foresight.expected_q_values = tuple(range(0, 101, 10))
+    c.foresight.expected_q_rows = 64  # rows per forward call
     return c
 
 
@@ -89,6 +95,11 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> ml_collections.Co
             c.sampling.temperature)
     require(c.sampling.top_k >= 0, "sampling.top_k", "an int >= 0 (0: off)", c.sampling.top_k)
     require(0 < c.sampling.top_p <= 1, "sampling.top_p", "a number in (0, 1]", c.sampling.top_p)
+    values = tuple(c.foresight.expected_q_values)
+    require(bool(values) and len(set(values)) == len(values) and all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 100 for v in values),
+        "foresight.expected_q_values", "distinct ints in [0, 100]", values)
+    require(c.foresight.expected_q_rows >= 1, "foresight.expected_q_rows", "an int >= 1", c.foresight.expected_q_rows)
     return config
 
 

@@ -39,6 +39,18 @@ def _share_of(value: Any, count: Any) -> str:
     return f"{_pct(value)} ({count})" if isinstance(value, (int, float)) else f"- ({count})"
 
 
+def expected_q_lines(expected: Mapping[str, Any] | None) -> list[str]:
+    """The E[q] rows of the world-model table (fwm.eval.expected_q; none unless foresight.expected_q ran)."""
+    if not expected:
+        return []
+    steps, last = expected["steps"], expected["last_step"]
+    return [f"| E[q] (every step): ECE / Brier / AUROC | {_num(steps['ece'])} / {_num(steps['brier'])} / "
+            f"{_num(steps['auroc'])} over {steps['count']} steps; mean E[q] {_num(steps['mean_q'])}, grid "
+            f"{_num(expected['mean_mass'])} of the probability |",
+            f"| E[q] (last step): ECE / Brier / AUROC | {_num(last['ece'])} / {_num(last['brier'])} / "
+            f"{_num(last['auroc'])} over {last['count']} episodes |"]
+
+
 def world_model_lines(run: Mapping[str, Any]) -> list[str]:
     """The world-model table of one run mode (fwm.eval.foresight's definitions), then risk-coverage."""
     steps, last = run["calibration"]["steps"], run["calibration"]["last_step"]
@@ -50,6 +62,7 @@ def world_model_lines(run: Mapping[str, Any]) -> list[str]:
              f"{_num(steps['auroc'])} over {steps['count']} steps, {_pct(steps['missing_share'])}% without q |",
              f"| q (last step): ECE / Brier / AUROC | {_num(last['ece'])} / {_num(last['brier'])} / "
              f"{_num(last['auroc'])} over {last['count']} episodes, {last['missing']} without q |",
+             *expected_q_lines(run.get("expected_q")),
              f"| keyword grounding % (keywords) | {_share_of(grounding['rate'], grounding['keywords'])} |",
              f"| foresight precision % (keywords) | {_share_of(sight['precision'], sight['keywords'])} |",
              f"| foresight recall % (revealed gold items) | {_share_of(sight['recall'], sight['revealed_items'])} |",

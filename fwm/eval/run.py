@@ -24,6 +24,7 @@ import os
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
+import numpy as np
 from absl import logging
 
 from fwm.configlib import ConfigError
@@ -32,7 +33,7 @@ from fwm.envs.base import Task, read_tasks
 from fwm.envs.jsonl import write_json, write_jsonl
 from fwm.envs.retrievers import HTTPRetriever, Retriever
 from fwm.envs.scoring import QA_METRICS, exact_match, f1
-from fwm.eval import foresight, metrics, report
+from fwm.eval import expected_q, foresight, metrics, report
 from fwm.eval.config import validate_eval_config
 from fwm.files import DataFormatError, atomic_open, read_json
 from fwm.mesh import make_mesh
@@ -167,6 +168,37 @@ def _results_of(episodes: Sequence[Episode], k: int | None) -> dict[str, Any]:
     return out
 
 
+def _expected_q(config: ml_collections.ConfigDict, cfg: Any, params: Any, mesh: Any, tokenizer: Any,
+                episodes: Sequence[Episode]) -> dict[str, Any]:
+    """Calibration of E[q_t] (fwm.eval.expected_q) over every greedy step with a <confidence> tag and over each
+    episode's last such step, with the grid's mean probability mass."""
+    from fwm.rl.step import make_token_logprobs  # eval is downstream of rl; only this option needs it
+    from fwm.rollout.sampler import data_parallel_size
+
+    values = [int(v) for v in config.foresight.expected_q_values]
+    open_id = tokenizer.tag_ids[expected_q.OPEN_TAG]
+    located = [(i, t, expected_q.confidence_prefix(step.prompt_ids, step.response_ids, open_id))
+               for i, e in enumerate(episodes) for t, step in enumerate(e.steps)]
+    located = [(i, t, prefix) for i, t, prefix in located if prefix is not None]
+    logprobs = make_token_logprobs(cfg, mesh)
+    value_logp_NxV = expected_q.value_logprobs(
+        lambda batch: logprobs(params, batch), [prefix for _, _, prefix in located],
+        expected_q.value_token_ids(tokenizer, values), max_seq_len=cfg.max_seq_len,
+        rows_per_call=int(config.foresight.expected_q_rows), row_multiple=data_parallel_size(mesh))
+    scored = ~np.isnan(value_logp_NxV).any(axis=1)
+    expected_N, mass_N = expected_q.expected_from_logprobs(np.where(scored[:, None], value_logp_NxV, 0.0), values)
+    steps = [(i, t, float(q), float(m)) for (i, t, _), q, m, ok in zip(located, expected_N, mass_N, scored) if ok]
+    last: dict[int, float] = {}
+    for i, _, q, _ in steps:  # in step order: the last one written wins
+        last[i] = q
+    total_steps = sum(len(e.steps) for e in episodes)
+    return {"values": values, "mean_mass": float(np.mean([m for *_, m in steps])) if steps else None,
+            "steps": foresight.calibration([q for _, _, q, _ in steps], [episodes[i].success for i, *_ in steps],
+                                           total_steps - len(steps)),
+            "last_step": foresight.calibration(list(last.values()), [episodes[i].success for i in last],
+                                               len(episodes) - len(last))}
+
+
 def tensorboard_scalars(results: Mapping[str, Any]) -> dict[str, float]:
     """Every number of the greedy and sampled results as TensorBoard tags 'eval/MODE/a/b' (nested dict keys
     joined by '/', '@' spelled '_at_'); lists (reliability bins, rates by offset, risk-coverage) and None
@@ -242,6 +274,8 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                     options, progress=config.progress, desc="eval greedy")
             write_jsonl(os.path.join(config.workdir, "episodes_greedy.jsonl"), (e.to_dict() for e in episodes))
             results["greedy"] = _results_of(episodes, None)
+            if config.foresight.expected_q:
+                results["greedy"]["expected_q"] = _expected_q(config, cfg, params, mesh, tokenizer, episodes)
         if s.k:
             policy = ModelPolicy(cfg, params, temperature=s.temperature, top_k=s.top_k or None,
                                  top_p=s.top_p if s.top_p < 1 else None, **common)

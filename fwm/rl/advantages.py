@@ -15,7 +15,9 @@ which grpo's division by a near-zero std would blow up to eps-sized noise).
 Span advantages per step (episode i, step t), from `fwm.rl.rewards.EpisodeRewards`:
 - A_E(i)      = estimator over the episode group of the episode rewards R_E
 - A_S(i, t)   = estimator over the step group of the confidences q_t (0 where q_t is missing)
-- A_WM(i, t)  = estimator over the step group of R_WM = [calib] R_calib + [ground] R_ground;
+- A_WM(i, t)  = estimator over the step group of R_WM = [calib] R_calib + [ground] R_ground, where the
+                R_ground of a final answer's step (NaN: nothing follows it, `rl.ground_no_future`
+                'group_mean') is the mean R_ground of its step group's other steps (0 if none has one);
                 with both terms switched off the world-model span takes A_E (plain GRPO). Its
                 estimator may differ from the others' (`rl.wm_advantage`; PAPER.md only says
                 "normalised within the group"): grpo's division by the step group's std turns the small
@@ -101,17 +103,39 @@ def step_confidence_advantage(q_N: Sequence[float], group_ids_N: Sequence[Hashab
     return group_advantages(q_N, list(zip(group_ids_N, step_index_N)), estimator, eps)
 
 
+def ground_with_no_future_imputed(r_ground_N: Sequence[float], group_keys_N: Sequence[Hashable]) -> np.ndarray:
+    """R_ground with every NaN (a final answer's step, `fwm.rl.rewards.episode_rewards`) replaced by the mean of
+    the defined values of its group (0 where the group has none): a step with nothing after it to ground in
+    is neither preferred to nor preferred over the steps it is compared with."""
+    r_ground_N = np.asarray(r_ground_N, np.float64).copy()
+    missing_N = np.isnan(r_ground_N)
+    if not missing_N.any():
+        return r_ground_N
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(group_keys_N):
+        members.setdefault(key, []).append(i)
+    for rows in members.values():
+        defined = [r_ground_N[i] for i in rows if not missing_N[i]]
+        fill = float(np.mean(defined)) if defined else 0.0
+        r_ground_N[[i for i in rows if missing_N[i]]] = fill
+    return r_ground_N
+
+
 def world_model_advantage(r_calib_N: Sequence[float], r_ground_N: Sequence[float], group_ids_N: Sequence[Hashable],
                           step_index_N: Sequence[int], estimator: str, eps: float = 1e-6, *, calib: bool = True,
                           ground: bool = True) -> np.ndarray:
     """A_WM(i, t) = estimator(R_WM) over the step group, R_WM = [calib] R_calib + [ground] R_ground.
 
+    NaN R_ground (nothing follows the step) takes its step group's mean (`ground_with_no_future_imputed`).
     Needs at least one term on (with both off the world-model span takes A_E; see `span_advantages`).
     """
     if not (calib or ground):
         raise ValueError("world_model_advantage needs calib or ground on; with both off the span takes A_E")
-    r_wm_N = calib * np.asarray(r_calib_N, np.float64) + ground * np.asarray(r_ground_N, np.float64)
-    return group_advantages(r_wm_N, list(zip(group_ids_N, step_index_N)), estimator, eps)
+    keys = list(zip(group_ids_N, step_index_N))
+    r_wm_N = np.asarray(r_calib_N, np.float64) * calib
+    if ground:
+        r_wm_N = r_wm_N + ground_with_no_future_imputed(r_ground_N, keys)
+    return group_advantages(r_wm_N, keys, estimator, eps)
 
 
 def policy_advantage(a_e_N: np.ndarray, a_s_N: np.ndarray, omega: float) -> np.ndarray:

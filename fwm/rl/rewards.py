@@ -18,7 +18,10 @@ Per episode (PAPER.md, FC-RL; the choices the paper leaves open are config keys 
   0 (the paper's reward is the outcome alone, as far as it is known).
 
 Per step t: `r_calib` (Brier reward of q_t) and `r_ground` (share of the keywords of z_t found in what
-follows a_t, `fwm.trajectories.future`).
+follows a_t, `fwm.trajectories.future`). A step whose action is the episode's final answer has nothing after
+it to ground in: `rl.ground_no_future` decides its R_ground ('zero': 0, the literal reading, which makes every
+answer's block lose to any search's block of its step group; 'group_mean': NaN here, the mean of its step
+group's grounded steps in `fwm.rl.advantages.world_model_advantage`, so answering is neutral to R_ground).
 """
 from __future__ import annotations
 
@@ -31,10 +34,12 @@ import numpy as np
 from fwm import schema
 from fwm.envs.scoring import QA_METRICS
 from fwm.schema import Action
-from fwm.trajectories.future import keyword_grounded, what_follows
+from fwm.trajectories.future import ground_text, keyword_grounded
 
 # 'score': the env's recorded score; the others recompute it from the final answer.
 OUTCOME_METRICS = ("score",) + tuple(sorted(QA_METRICS))
+# R_ground of the final answer's step (rl.ground_no_future; module docstring).
+NO_FUTURE_RULES = ("zero", "group_mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +81,7 @@ class EpisodeOutcome:
 class EpisodeRewards:
     """Every reward of one episode. Per-step arrays have one entry per step (T = len(episode.steps)).
 
+    r_ground_T: NaN at the final answer's step under ground_no_future='group_mean' (nothing follows it);
     q_T: the confidence each step stated, 0.0 where it is missing or malformed (the lowest
     confidence; `confidence_ok_T` says which); format_ok_T: per-step format adherence (a missing
     confidence counts as a format failure in the full variant).
@@ -138,8 +144,9 @@ def r_ground(keywords: Sequence[str], future_text: str, own_action: Action | Non
     writing a found keyword twice earns nothing more); empty entries are dropped. R_match is
     `fwm.trajectories.future.keyword_grounded` (`rl.ground_match`): 'found' = normalised, word-boundary
     match in tau_{>t}; 'beyond_action' also refuses a keyword that occurs in a_t's own argument
-    (`own_action`), which its search results would echo. A step with no keywords gets 0: no foresight
-    stated, nothing grounded.
+    (`own_action`), which its search results would echo; 'new_evidence' is 'beyond_action' over only
+    the observations the episode had not returned before (`future_text` = `future.ground_text`). A step with
+    no keywords gets 0: no foresight stated, nothing grounded.
     """
     unique = list(dict.fromkeys(k.strip() for k in keywords if k and k.strip()))
     if not unique:
@@ -160,19 +167,31 @@ def format_adherence(episode: EpisodeOutcome, variant: str) -> float:
     return sum(step_format_ok(step, variant) for step in episode.steps) / len(episode.steps)
 
 
+def ends_with_answer(episode: EpisodeOutcome, step: int) -> bool:
+    """Whether `step` is the episode's last step and its action the final answer (nothing follows it)."""
+    action = episode.steps[step].action
+    return step == len(episode.steps) - 1 and action is not None and action.kind == schema.ANSWER
+
+
 def episode_rewards(episode: EpisodeOutcome, *, outcome_metric: str = "score", correct_threshold: float = 1.0,
                     format_penalty: float = 0.0, future_start: str = "observation",
-                    variant: str = schema.FULL, ground_match: str = "found") -> EpisodeRewards:
+                    variant: str = schema.FULL, ground_match: str = "found",
+                    ground_no_future: str = "zero") -> EpisodeRewards:
     """All rewards of one episode (module docstring); `future_start` is where tau_{>t} begins,
-    `ground_match` R_ground's R_match (`r_ground`)."""
+    `ground_match` R_ground's R_match (`r_ground`), `ground_no_future` the final answer's R_ground
+    (`NO_FUTURE_RULES`). The defaults are the paper's literal reading; `fwm.config`'s are our choice."""
+    if ground_no_future not in NO_FUTURE_RULES:
+        raise ValueError(f"unknown rule {ground_no_future!r} for the final answer's R_ground; "
+                         f"expected one of {NO_FUTURE_RULES}")
     outcome = outcome_reward(episode, outcome_metric)
     correct = outcome >= correct_threshold
     actions = [step.action for step in episode.steps]
     observations = [step.observation for step in episode.steps]
     confidence_ok = [valid_confidence(step.confidence_q) for step in episode.steps]
     adherence = format_adherence(episode, variant)
-    r_ground_T = [r_ground(step.keywords, what_follows(actions, observations, t, future_start), step.action,
-                           ground_match) for t, step in enumerate(episode.steps)]
+    r_ground_T = [math.nan if ground_no_future == "group_mean" and ends_with_answer(episode, t) else
+                  r_ground(step.keywords, ground_text(actions, observations, t, future_start, ground_match),
+                           step.action, ground_match) for t, step in enumerate(episode.steps)]
     return EpisodeRewards(
         outcome=outcome,
         reward=outcome - format_penalty * (1.0 - adherence),

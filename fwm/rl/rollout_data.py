@@ -34,7 +34,8 @@ def rollout_advantages(episodes: Sequence[Episode], rl: ml_collections.ConfigDic
     rewards = [episode_rewards(episode_outcome(e), outcome_metric=rl.outcome_metric,
                                correct_threshold=float(rl.correct_threshold), format_penalty=float(rl.format_penalty),
                                future_start=rl.future_start, variant=rl.variant,
-                               ground_match=rl.ground_match) for e in episodes]
+                               ground_match=rl.ground_match, ground_no_future=rl.ground_no_future)
+               for e in episodes]
     advantages = span_advantages(rewards, [e.slot.task.id for e in episodes], estimator=rl.advantage,
                                  eps=float(rl.advantage_eps), omega=float(rl.omega), calib=bool(rl.calib_reward),
                                  ground=bool(rl.ground_reward), wm_estimator=rl.wm_advantage)
@@ -133,7 +134,8 @@ def rollout_metrics(episodes: Sequence[Episode], rewards: Sequence[EpisodeReward
         "response_tokens": mean(len(s.response_ids) for s in steps),
         "truncated_responses": mean(not s.stopped for s in steps),
         "r_calib": mean(np.concatenate([r.r_calib_T for r in rewards]) if rewards else ()),
-        "r_ground": mean(np.concatenate([r.r_ground_T for r in rewards]) if rewards else ()),
+        # over the steps R_ground is defined for (NaN: a final answer's step, nothing follows it)
+        "r_ground": mean(g for r in rewards for g in r.r_ground_T if not np.isnan(g)),
         "q": mean(np.concatenate([r.q_T for r in rewards]) if rewards else ()),
         "confidence_ok": mean(np.concatenate([r.confidence_ok_T for r in rewards]) if rewards else ()),
         "advantage_world_model_abs": mean(np.abs(advantages.world_model_N)),

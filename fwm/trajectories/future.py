@@ -8,7 +8,11 @@ of a_t itself does not count. `start="action"` includes a_t itself (the looser r
 of the agent's own actions).
 That alone does not stop a keyword that repeats the step's own search query from being found: a
 search's results echo its query (the top passage of a search for an entity is titled by it). R_ground
-can close that (`GROUND_MATCHES`, `keyword_grounded`).
+can close that (`GROUND_MATCHES`, `keyword_grounded`). Nor does it stop two more shortcuts that FC-RL
+found (README, "What FC-RL learned from R_ground"): a keyword the agent grounds itself by writing it into a
+later query, and a keyword grounded by a repeated search whose passage the agent had already read. The
+R_match 'new_evidence' closes both: it searches only `new_evidence`, the observations after a_t that
+were not already in the episode before z_t was written (the agent's own later actions are not evidence).
 
 Matching (our R_match): SQuAD-normalised keyword found in SQuAD-normalised text at word boundaries
 (`contains_term`, which the spoiler check uses too), so "Paris" matches "paris," but "12" not "120".
@@ -23,9 +27,10 @@ from fwm.envs.scoring import normalize_answer
 from fwm.schema import Action
 
 FUTURE_STARTS = ("observation", "action")
-# R_match variants of R_ground (rl.ground_match): "found" = keyword_found; "beyond_action" = found, and
-# not contained in the step's own action argument (a repeated query predicts nothing).
-GROUND_MATCHES = ("found", "beyond_action")
+# R_match variants of R_ground (rl.ground_match): "found" = keyword_found in what_follows; "beyond_action" =
+# found, and not contained in the step's own action argument (a repeated query predicts nothing);
+# "new_evidence" = beyond_action, searched in new_evidence instead of what_follows.
+GROUND_MATCHES = ("found", "beyond_action", "new_evidence")
 
 
 def occurs(normalized_text: str, term: str) -> bool:
@@ -68,6 +73,31 @@ def what_follows(actions: Sequence[Action | None], observations: Sequence[str], 
     return "\n".join(parts)
 
 
+def new_evidence(observations: Sequence[str], step: int) -> str:
+    """The world's evidence after the block of step `step`: observations[step:], each kept only if its text
+    (whitespace-stripped) is not one the episode already returned before the block was written
+    (observations[:step], which the agent had read). Actions are not evidence: a keyword the agent writes
+    into a later query of its own is foresight of nothing. An empty observation (after an answer) adds nothing.
+    """
+    if not 0 <= step < len(observations):
+        raise ValueError(f"step {step} outside the episode's {len(observations)} steps")
+    seen = {text.strip() for text in observations[:step]}
+    return "\n".join(text for text in observations[step:] if text.strip() and text.strip() not in seen)
+
+
+def ground_text(actions: Sequence[Action | None], observations: Sequence[str], step: int, start: str = "observation",
+                match: str = "found") -> str:
+    """The text R_ground's R_match `match` searches for the keywords of step `step`'s block: `new_evidence`
+    for 'new_evidence' (where tau_{>t} starts does not apply: no action is evidence), else `what_follows`."""
+    if match not in GROUND_MATCHES:
+        raise ValueError(f"unknown R_match {match!r}; expected one of {GROUND_MATCHES}")
+    if match == "new_evidence":
+        if len(actions) != len(observations):
+            raise ValueError(f"{len(actions)} actions but {len(observations)} observations")
+        return new_evidence(observations, step)
+    return what_follows(actions, observations, step, start)
+
+
 def keyword_found(keyword: str, future_text: str) -> bool:
     """R_match for one keyword: whether it occurs in `future_text` after normalisation (module docstring)."""
     return contains_term(future_text, keyword)
@@ -76,10 +106,11 @@ def keyword_found(keyword: str, future_text: str) -> bool:
 def keyword_grounded(keyword: str, future_text: str, own_action: Action | None, match: str = "found") -> bool:
     """R_match of R_ground for one keyword of the block before `own_action` (a_t).
 
-    'found': `keyword_found(keyword, future_text)`. 'beyond_action': found, and not occurring in a_t's
-    own argument (normalised, word boundaries): a keyword that only repeats the step's search query is
-    found in that search's results whatever the block foresaw, so it earns nothing; a keyword that
-    names what the query does not (a relation, a later entity) still counts.
+    'found': `keyword_found(keyword, future_text)`. 'beyond_action' and 'new_evidence': found, and not
+    occurring in a_t's own argument (normalised, word boundaries): a keyword that only repeats the step's
+    search query is found in that search's results whatever the block foresaw, so it earns nothing; a
+    keyword that names what the query does not (a relation, a later entity) still counts. `future_text` is
+    `ground_text(..., match)`: for 'new_evidence' only the new observations.
     """
     if match not in GROUND_MATCHES:
         raise ValueError(f"unknown R_match {match!r}; expected one of {GROUND_MATCHES}")

@@ -1,0 +1,66 @@
+"""E[q] from the model's probabilities of the <confidence> values (fwm.eval.expected_q), by hand and against
+direct scoring of each whole sequence on a tiny random model."""
+import jax
+import numpy as np
+import pytest
+
+from fwm.eval import expected_q
+from fwm.model import transformer as T
+from fwm.rl.step import make_token_logprobs
+from fwm.schema import ALL_TAG_TOKENS
+from fwm.tokenizer import train_sentencepiece
+from fwm.train.losses import batch_logits, target_nll
+from mesh_checks import one_device_mesh
+
+
+def test_expected_from_logprobs_by_hand():
+    values = [0, 50, 100]
+    # p = 0.1, 0.2, 0.3 (mass 0.6): E[q] = (0 * 0.1 + 0.5 * 0.2 + 1 * 0.3) / 0.6 = 2/3.
+    expected, mass = expected_q.expected_from_logprobs(np.log([[0.1, 0.2, 0.3], [1.0, 0.0 + 1e-300, 1e-300]]), values)
+    np.testing.assert_allclose(expected, [2 / 3, 0.0], atol=1e-12)
+    np.testing.assert_allclose(mass, [0.6, 1.0])
+    # Tiny probabilities (long prompts): the ratio stays exact where exp() alone would underflow to 0 / 0.
+    expected, mass = expected_q.expected_from_logprobs(np.asarray([[-2000.0, -2000.0, -1e9]]), values)
+    np.testing.assert_allclose(expected, [0.25]) and np.testing.assert_allclose(mass, [0.0])
+
+
+def test_value_tokens_and_the_prefix(tmp_path):
+    texts = [f"<imaginary>plan {i}</imaginary><confidence>{(7 * i) % 101}</confidence><think>x</think>"
+             for i in range(300)]
+    tokenizer = train_sentencepiece(texts, str(tmp_path / "tok.model"), 300)
+    close_id = tokenizer.tag_ids["</confidence>"]
+    candidates = expected_q.value_token_ids(tokenizer, [0, 7, 100])
+    assert all(c[-1] == close_id and len(c) >= 2 for c in candidates)
+    assert tokenizer.decode(candidates[2][:-1]) == "100"
+    # The candidates are the tokens a whole rendered block holds between the tags.
+    block = tokenizer.encode("<analysis>a</analysis><confidence>100</confidence><think>")
+    open_id = tokenizer.tag_ids["<confidence>"]
+    assert block[block.index(open_id) + 1:block.index(close_id) + 1] == candidates[2]
+    assert expected_q.confidence_prefix([2, 5], block, open_id) == [2, 5] + block[:block.index(open_id) + 1]
+    assert expected_q.confidence_prefix([2, 5], [7, 8], open_id) is None
+    assert set(ALL_TAG_TOKENS) <= set(tokenizer.tag_ids)
+
+
+def test_value_logprobs_equal_direct_scoring_of_each_sequence():
+    cfg = T.ModelConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                        mlp_dim=64, max_seq_len=24)
+    params = T.init_params(cfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    prefixes = [list(rng.integers(4, 40, n)) for n in (3, 9, 17, 21)]
+    candidates = [[30, 31], [32, 33, 31], [34, 35, 35, 31]]
+    logprobs = make_token_logprobs(cfg, one_device_mesh())
+    got = expected_q.value_logprobs(lambda batch: logprobs(params, batch), prefixes, candidates,
+                                    max_seq_len=cfg.max_seq_len, rows_per_call=5, row_multiple=2)
+    for n, prefix in enumerate(prefixes):
+        for v, cand in enumerate(candidates):
+            row = prefix + cand
+            assert len(row) - 1 <= cfg.max_seq_len  # 21 + 4 - 1 = 24: every row here fits
+            tokens = np.asarray([row[:-1]], np.int32)
+            batch = {"tokens_BxL": tokens, "positions_BxL": np.arange(tokens.shape[1], dtype=np.int32)[None],
+                     "segment_ids_BxL": np.ones_like(tokens)}
+            nll = np.asarray(target_nll(batch_logits(cfg, params, batch), np.asarray([row[1:]], np.int32)))[0]
+            assert got[n, v] == pytest.approx(-nll[-len(cand):].sum(), abs=1e-4)
+    too_long = expected_q.value_logprobs(lambda batch: logprobs(params, batch), [list(range(4, 26))], candidates,
+                                         max_seq_len=cfg.max_seq_len, rows_per_call=8)
+    # the model reads len(row) - 1 tokens: 22 + 2 - 1 and 22 + 3 - 1 fit in 24, 22 + 4 - 1 does not
+    assert np.isfinite(too_long[0, :2]).all() and np.isnan(too_long[0, 2])
