@@ -64,3 +64,26 @@ def test_value_logprobs_equal_direct_scoring_of_each_sequence():
                                          max_seq_len=cfg.max_seq_len, rows_per_call=8)
     # the model reads len(row) - 1 tokens: 22 + 2 - 1 and 22 + 3 - 1 fit in 24, 22 + 4 - 1 does not
     assert np.isfinite(too_long[0, :2]).all() and np.isnan(too_long[0, 2])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("expected_q_values", (0, 50, 50), "foresight.expected_q_values"),
+    ("expected_q_values", (0, 101), "foresight.expected_q_values"),
+    ("expected_q_values", (), "foresight.expected_q_values"),
+    ("expected_q_rows", 0, "foresight.expected_q_rows"),
+])
+def test_expected_q_config_is_checked(key, value, message):
+    from fwm.configlib import ConfigError
+    from fwm.eval.config import default_eval_config, validate_eval_config
+    config = default_eval_config()
+    config.update(dict(checkpoint="/c", data_dir="/d"))
+    validate_eval_config(config)
+    config.foresight[key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_eval_config(config)
+    config = default_eval_config()
+    config.update(dict(checkpoint="/c", data_dir="/d"))
+    config.sampling.update(dict(greedy=False, k=2))
+    config.foresight.expected_q = True
+    with pytest.raises(ConfigError, match="foresight.expected_q"):
+        validate_eval_config(config)

@@ -99,6 +99,8 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     require(bool(values) and len(set(values)) == len(values) and all(
         isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 100 for v in values),
         "foresight.expected_q_values", "distinct ints in [0, 100]", values)
+    require(c.sampling.greedy or not c.foresight.expected_q, "foresight.expected_q",
+            "False without greedy episodes (E[q] is computed on the greedy ones)", c.foresight.expected_q)
     require(c.foresight.expected_q_rows >= 1, "foresight.expected_q_rows", "an int >= 1", c.foresight.expected_q_rows)
     return config
 
