@@ -51,15 +51,19 @@ def test_value_logprobs_equal_direct_scoring_of_each_sequence():
     logprobs = make_token_logprobs(cfg, one_device_mesh())
     got = expected_q.value_logprobs(lambda batch: logprobs(params, batch), prefixes, candidates,
                                     max_seq_len=cfg.max_seq_len, rows_per_call=5, row_multiple=2)
+    # Direct: each whole sequence alone in a row of the model's full length (one compiled shape; the causal model
+    # does not look at the padding after it), its candidate's log-probs summed.
+    score = jax.jit(lambda batch, targets: -target_nll(batch_logits(cfg, params, batch), targets))
     for n, prefix in enumerate(prefixes):
         for v, cand in enumerate(candidates):
             row = prefix + cand
             assert len(row) - 1 <= cfg.max_seq_len  # 21 + 4 - 1 = 24: every row here fits
-            tokens = np.asarray([row[:-1]], np.int32)
-            batch = {"tokens_BxL": tokens, "positions_BxL": np.arange(tokens.shape[1], dtype=np.int32)[None],
-                     "segment_ids_BxL": np.ones_like(tokens)}
-            nll = np.asarray(target_nll(batch_logits(cfg, params, batch), np.asarray([row[1:]], np.int32)))[0]
-            assert got[n, v] == pytest.approx(-nll[-len(cand):].sum(), abs=1e-4)
+            tokens, targets = np.zeros((1, cfg.max_seq_len), np.int32), np.zeros((1, cfg.max_seq_len), np.int32)
+            tokens[0, :len(row) - 1], targets[0, :len(row) - 1] = row[:-1], row[1:]
+            batch = {"tokens_BxL": tokens, "positions_BxL": np.arange(cfg.max_seq_len, dtype=np.int32)[None],
+                     "segment_ids_BxL": (np.arange(cfg.max_seq_len) < len(row) - 1).astype(np.int32)[None]}
+            logp = np.asarray(score(batch, targets))[0]
+            assert got[n, v] == pytest.approx(logp[len(row) - 1 - len(cand):len(row) - 1].sum(), abs=1e-4)
     too_long = expected_q.value_logprobs(lambda batch: logprobs(params, batch), [list(range(4, 26))], candidates,
                                          max_seq_len=cfg.max_seq_len, rows_per_call=8)
     # the model reads len(row) - 1 tokens: 22 + 2 - 1 and 22 + 3 - 1 fit in 24, 22 + 4 - 1 does not
