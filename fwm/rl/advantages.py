@@ -74,6 +74,14 @@ ESTIMATORS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {"grpo": grpo
                                                                     "rloo": rloo}
 
 
+def _group_rows(group_keys_N: Sequence[Hashable]) -> list[list[int]]:
+    """The indices of each group of equal keys, groups in order of first appearance."""
+    members: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(group_keys_N):
+        members.setdefault(key, []).append(i)
+    return list(members.values())
+
+
 def group_advantages(values_N: Sequence[float], group_keys_N: Sequence[Hashable], estimator: str,
                      eps: float = 1e-6) -> np.ndarray:
     """advantages_N: the estimator applied to `values_N` within each group of equal keys."""
@@ -82,11 +90,8 @@ def group_advantages(values_N: Sequence[float], group_keys_N: Sequence[Hashable]
     values_N = np.asarray(values_N, np.float64)
     if len(group_keys_N) != values_N.shape[0]:
         raise ValueError(f"{values_N.shape[0]} values but {len(group_keys_N)} group keys")
-    members: dict[Hashable, list[int]] = {}
-    for i, key in enumerate(group_keys_N):
-        members.setdefault(key, []).append(i)
     advantages_N = np.zeros_like(values_N)
-    for rows in members.values():
+    for rows in _group_rows(group_keys_N):
         advantages_N[rows] = ESTIMATORS[estimator](values_N[rows], eps)
     return advantages_N
 
@@ -111,10 +116,7 @@ def ground_with_no_future_imputed(r_ground_N: Sequence[float], group_keys_N: Seq
     missing_N = np.isnan(r_ground_N)
     if not missing_N.any():
         return r_ground_N
-    members: dict[Hashable, list[int]] = {}
-    for i, key in enumerate(group_keys_N):
-        members.setdefault(key, []).append(i)
-    for rows in members.values():
+    for rows in _group_rows(group_keys_N):
         defined = [r_ground_N[i] for i in rows if not missing_N[i]]
         fill = float(np.mean(defined)) if defined else 0.0
         r_ground_N[[i for i in rows if missing_N[i]]] = fill
