@@ -165,6 +165,7 @@ def test_sharded_forward_and_grad_compile_without_full_rematerialization():
     """On a (2,2,2) mesh no op's sharding forces XLA to rebuild a whole tensor on every device (it once
     did for the embedding lookup: table rows sharded over fsdp, batch also split over fsdp). XLA reports
     this only as a C++ warning, so the check compiles in a subprocess and reads its stderr."""
+    import os
     import subprocess
     import sys
     import textwrap
@@ -188,7 +189,9 @@ def test_sharded_forward_and_grad_compile_without_full_rematerialization():
                 jax.block_until_ready(jax.jit(jax.value_and_grad(loss))(params, tokens))
         print("compiled")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    # Without the tests' compilation cache: a cached program would not compile, and XLA would not warn.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
     assert "Involuntary full rematerialization" not in result.stderr, result.stderr[-3000:]
 

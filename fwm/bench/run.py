@@ -33,24 +33,28 @@ MEASURES = {
     ("train", "torch"): "fwm.bench.train:torch_train",
     ("decode", "fwm"): "fwm.bench.sampler:fwm_decode",
     ("decode", "hf"): "fwm.bench.sampler:hf_decode",
+    ("decode", "tunix"): "fwm.bench.sampler:tunix_decode",
     ("rl", "fwm"): "fwm.bench.rl:rl_iteration_split",
+    ("data", "fwm"): "fwm.bench.data:lm_loader",
 }
 # Issue 14's targets, printed beside the measures (no test enforces them).
 TRAIN_TARGETS = {"S": 1.5, "M": 1.0, "L": 1.0}       # fwm / torch tokens/s
 TRAIN_MFU_TARGET = {"L": 0.6}                       # of the same run's best matmul peak
 DECODE_TARGETS = {("S", 16): 5.0, ("M", 16): 3.0, ("M", 64): 3.0}  # fwm / transformers tokens/s
+DATA_TARGET = 10.0                                  # loader tokens/s / the fastest train step's tokens/s
+DECODE_TUNIX_TARGETS = {("M", 16): 2.5, ("M", 64): 2.5}              # fwm / tunix tokens/s
 
 
 def plan(quick: bool, sizes: tuple[str, ...] | None = None, batch: int = 8, seq_len: int = 512,
          decode_batches: tuple[int, ...] | None = None, prompt_len: int = 64, max_new: int = 256,
-         rl_size: str = "micro", rl_new_tokens: int = 32, steps: int = 3) -> dict:
+         rl_size: str = "micro", rl_new_tokens: int = 32, steps: int = 3, data_docs: int = 2000) -> dict:
     """The run's settings (the JSON's "settings")."""
     sizes = sizes or (("S",) if quick else ("S", "M", "L"))
     return {"quick": quick, "train_sizes": list(sizes), "batch": batch, "seq_len": seq_len, "steps": steps,
             "decode_sizes": [s for s in sizes if s != "L"],  # the issue's decode rows: S and M
             "decode_batches": list(decode_batches or ((16,) if quick else (1, 16, 64))),
             "prompt_len": prompt_len, "max_new": max_new, "decode_repeats": 1, "rl_size": rl_size,
-            "rl_new_tokens": rl_new_tokens, "peak_sizes": [2048] if quick else [2048, 4096]}
+            "rl_new_tokens": rl_new_tokens, "peak_sizes": [2048] if quick else [2048, 4096], "data_docs": data_docs}
 
 
 def _call(part: str, impl: str, kwargs: dict) -> dict:
@@ -86,8 +90,19 @@ def _machine() -> dict:
         versions[name] = __import__(name).__version__ if spec else None
     return {"cpu": cpu, "cores": os.cpu_count(), "load_average_at_start": os.getloadavg(),
             "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}", "versions": versions,
-            "tunix": "installed, not compared (no tunix Sampler measure yet)" if importlib.util.find_spec("tunix")
-            else "not installed (skipped)"}
+            "tunix": _tunix_version()}
+
+
+def _tunix_version() -> str | None:
+    """google-tunix's version where the `bench` extra installed it (its Sampler is then a decode column)."""
+    if importlib.util.find_spec("tunix") is None:
+        return None
+    from importlib import metadata
+
+    try:
+        return metadata.version("google-tunix")
+    except metadata.PackageNotFoundError:
+        return "installed (version unknown)"
 
 
 def _decode_rows(settings: dict, report: dict, hf_root: str, in_process: bool, log) -> None:
@@ -96,10 +111,12 @@ def _decode_rows(settings: dict, report: dict, hf_root: str, in_process: bool, l
             kwargs = {"size": size, "batch": batch, "prompt_len": settings["prompt_len"], "max_new": settings["max_new"],
                       "repeats": settings["decode_repeats"], "hf_dir": os.path.join(hf_root, f"hf_{size}")}
             row = {"size": size, "batch": batch}
-            for impl in ("fwm", "hf"):
+            for impl in ("fwm", "hf") + (("tunix",) if report["machine"]["tunix"] else ()):
                 log(f"fwm bench: decode {size} batch {batch} ({impl})")
                 row[impl] = _measure("decode", impl, kwargs, in_process)
             row["ratio"] = row["fwm"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
+            if "tunix" in row:
+                row["ratio_tunix"] = row["fwm"]["tokens_per_s"] / row["tunix"]["tokens_per_s"]
             report["decode"].append(row)
 
 
@@ -122,6 +139,14 @@ def run(settings: dict, in_process: bool = False, log=print) -> dict:
             row[impl]["mfu"] = row[impl]["tokens_per_s"] * row["flops_per_token"] / peak["best"]
         row["ratio"] = row["fwm"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
         report["train"].append(row)
+    if settings.get("data_docs"):
+        log("fwm bench: the LM loader")
+        report["data"] = _measure("data", "fwm", {"batch": settings["batch"], "seq_len": settings["seq_len"],
+                                                  "num_docs": settings["data_docs"]}, in_process)
+        if report["train"]:
+            fastest = max(report["train"], key=lambda r: r["fwm"]["tokens_per_s"])
+            report["data"]["train_size"] = fastest["size"]
+            report["data"]["ratio"] = report["data"]["tokens_per_s"] / fastest["fwm"]["tokens_per_s"]
     report["decode"] = []
     with tempfile.TemporaryDirectory() as hf_root:  # the random weights, exported for transformers
         _decode_rows(settings, report, hf_root, in_process, log)
@@ -147,7 +172,9 @@ def table(report: dict) -> str:
     m, s, peak = report["machine"], report["settings"], report["peak"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores ({m['device']}; load average at start "
              f"{m['load_average_at_start'][0]:.1f}); jax {m['versions']['jax']}, torch {m['versions']['torch']}, "
-             f"transformers {m['versions']['transformers']}; tunix {m['tunix']}.",
+             f"transformers {m['versions']['transformers']}; google-tunix "
+             + (f"{m['tunix']} (its Sampler is a decode column)." if m["tunix"] else "not installed (the `bench` extra "
+                "installs it; no tunix column)."),
              "Float32 matmul peak (GFLOP/s): " + ", ".join(
                  f"{lib} n={n} {v / 1e9:.0f}" for lib in ("jax", "numpy") for n, v in peak[lib].items())
              + f"; MFU below is against the best, {peak['best'] / 1e9:.0f}. {report['flop_note']}.", ""]
@@ -168,19 +195,33 @@ def table(report: dict) -> str:
                                   "torch MFU", "fwm / torch", "target", "fwm RSS MB", "torch RSS MB",
                                   "fwm compiles after warm-up"), rows) + [""]
     if report["decode"]:
+        with_tunix = any("tunix" in r for r in report["decode"])
         lines += [f"Decode, prompt {s['prompt_len']}, {s['max_new']} new tokens (no early stop), greedy, float32, "
                   f"tokens/s of a whole call after a warm-up call:", ""]
         rows = []
         for r in report["decode"]:
             target = DECODE_TARGETS.get((r["size"], r["batch"]))
-            rows.append([r["size"], str(r["batch"]), _fmt(r["fwm"]["tokens_per_s"]), _fmt(r["hf"]["tokens_per_s"]),
-                         f"**{r['ratio']:.2f}x**", f">= {target}x" if target else "",
-                         f"{r['fwm']['peak_rss_mb']:,.0f}", f"{r['hf']['peak_rss_mb']:,.0f}",
-                         str(r["fwm"]["compiles_after_warmup"]),
-                         f"{r['hf'].get('rows_agreeing_first_8_tokens', float('nan')):.2f}"])
-        lines += _markdown_table(("size", "batch", "fwm tokens/s", "transformers tokens/s", "fwm / transformers",
-                                  "target", "fwm RSS MB", "transformers RSS MB", "fwm compiles after warm-up",
-                                  "rows agreeing (first 8 tokens)"), rows) + [""]
+            row = [r["size"], str(r["batch"]), _fmt(r["fwm"]["tokens_per_s"]), _fmt(r["hf"]["tokens_per_s"]),
+                   f"**{r['ratio']:.2f}x**", f">= {target}x" if target else ""]
+            if with_tunix:
+                tunix_target = DECODE_TUNIX_TARGETS.get((r["size"], r["batch"]))
+                row += [_fmt(r["tunix"]["tokens_per_s"]), f"**{r['ratio_tunix']:.2f}x**",
+                        f">= {tunix_target}x" if tunix_target else ""] if "tunix" in r else ["", "", ""]
+            agree = [r[impl].get("rows_agreeing_first_8_tokens", float("nan")) for impl in ("hf", "tunix") if impl in r]
+            rows.append(row + [f"{r['fwm']['peak_rss_mb']:,.0f}", f"{r['hf']['peak_rss_mb']:,.0f}",
+                               str(r["fwm"]["compiles_after_warmup"]), " / ".join(f"{a:.2f}" for a in agree)])
+        header = ("size", "batch", "fwm tokens/s", "transformers tokens/s", "fwm / transformers", "target")
+        if with_tunix:
+            header += ("tunix tokens/s", "fwm / tunix", "target")
+        header += ("fwm RSS MB", "transformers RSS MB", "fwm compiles after warm-up",
+                   "rows agreeing with fwm (first 8 tokens): transformers" + (" / tunix" if with_tunix else ""))
+        lines += _markdown_table(header, rows) + [""]
+    if "data" in report:
+        d = report["data"]
+        lines.append(f"LM loader (read, validate, tokenize, pack; batch {s['batch']} x {s['seq_len']}, "
+                     f"{d['documents']} documents, no worker processes): {_fmt(d['tokens_per_s'])} tokens/s"
+                     + (f", **{d['ratio']:.1f}x** the fastest train step's consumption (fwm {d['train_size']}; "
+                        f"target >= {DATA_TARGET:.0f}x)" if "ratio" in d else "") + ".")
     if "rl" in report:
         r = report["rl"]
         lines.append(f"One FC-RL iteration ({r['episodes']} episodes, {r['max_new_tokens']} new tokens per turn, "

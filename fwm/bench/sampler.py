@@ -75,3 +75,68 @@ def hf_decode(size: str, batch: int, prompt_len: int, max_new: int, repeats: int
         # Same weights, greedy: the first tokens agree unless float noise flips a near-tie argmax.
         result["rows_agreeing_first_8_tokens"] = float(np.mean(np.all(np.load(ours)[:, :8] == tokens[:, :8], axis=1)))
     return result
+
+
+class _TokenIdText:
+    """The text interface tunix's Sampler tokenizes through, over prompts written as space-separated token ids,
+    so it decodes exactly the token ids the other decoders get. No BOS (bos_id 0 adds none); pad id 0, which no
+    prompt contains (prompt ids start at 3); eos id = vocab size, which argmax never returns (no early stop)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str, **_) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids, **_) -> str:
+        return " ".join(str(int(t)) for t in ids)
+
+    def bos_id(self) -> int:
+        return 0
+
+    def eos_id(self) -> int:
+        return self.vocab_size
+
+    def pad_id(self) -> int:
+        return 0
+
+
+def tunix_decode(size: str, batch: int, prompt_len: int, max_new: int, repeats: int, hf_dir: str) -> dict:
+    """google-tunix's `Sampler` (greedy, its KV cache) over its Llama3 model loaded from the same safetensors
+    fwm_decode exported (`fwm bench` runs it only where the `bench` extra installed tunix)."""
+    import jax.numpy as jnp
+    from tunix.generate import sampler as tunix_sampler
+    from tunix.models.llama3 import model as tunix_llama, params as tunix_params
+
+    cfg = shapes.model_config(size)
+    if not os.path.exists(os.path.join(hf_dir, "config.json")):
+        raise RuntimeError(f"tunix decode: {hf_dir} has no exported weights; the fwm decode measure writes them first")
+    tunix_cfg = tunix_llama.ModelConfig(
+        num_layers=cfg.num_layers, vocab_size=cfg.vocab_size, embed_dim=cfg.hidden_size, hidden_dim=cfg.mlp_dim,
+        num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads, rope_theta=int(cfg.rope_theta),
+        norm_eps=cfg.norm_eps, weight_tying=cfg.tie_embeddings)
+    model = tunix_params.create_model_from_safe_tensors(hf_dir, tunix_cfg, dtype=jnp.float32)
+    text = _TokenIdText(cfg.vocab_size)
+    decoder = tunix_sampler.Sampler(
+        transformer=model, tokenizer=text,
+        cache_config=tunix_sampler.CacheConfig(cache_size=prompt_len + max_new, num_layers=cfg.num_layers,
+                                               num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim))
+    prompts = [text.decode(row) for row in _prompts(cfg.vocab_size, batch, prompt_len)]
+
+    def call():
+        return decoder(prompts, max_generation_steps=max_new, max_prompt_length=prompt_len,
+                       eos_tokens=[text.eos_id()], temperature=0.0)
+
+    call()  # compiles prefill and decode
+    before = compilations()
+    seconds, out = _best_call(call, repeats)
+    tokens = [np.asarray(t)[:max_new] for t in out.tokens]
+    if any(len(t) != max_new for t in tokens):
+        raise RuntimeError(f"tunix returned {sorted({len(t) for t in tokens})} new tokens per row, expected {max_new}")
+    result = {"seconds": seconds, "tokens_per_s": batch * max_new / seconds,
+              "compiles_after_warmup": compilations() - before}
+    ours = os.path.join(hf_dir, f"fwm_tokens_B{batch}.npy")
+    if os.path.exists(ours):
+        result["rows_agreeing_first_8_tokens"] = float(np.mean(np.all(np.load(ours)[:, :8] == np.stack(tokens)[:, :8],
+                                                                      axis=1)))
+    return result
