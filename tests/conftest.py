@@ -25,3 +25,18 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     _cache_dir = tempfile.mkdtemp(prefix="fwm-tests-xla-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache_dir
     atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files marked `slow` (pytestmark) run first, each file's tests kept together and in order: with
+    `-n 2 --dist loadfile` the workers take whole files in this order, and a long file left for last
+    would run alone while the other worker idles."""
+    del config
+    first_index = {}
+    for index, item in enumerate(items):
+        first_index.setdefault(item.fspath, index)
+
+    def file_key(item):
+        return (item.get_closest_marker("slow") is None, first_index[item.fspath])
+
+    items.sort(key=file_key)  # stable: within a file, the collected order

@@ -11,6 +11,9 @@ from fwm import mesh as mesh_lib
 from fwm.model import kv_cache as C
 from fwm.model import transformer as T
 
+# A long file: conftest schedules it first, so the 2 xdist workers finish together.
+pytestmark = pytest.mark.slow
+
 CONFIGS = {
     "gqa_bias_untied": T.ModelConfig(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                      head_dim=8, mlp_dim=48, qkv_bias=True),

@@ -29,6 +29,9 @@ TINY_TEXTS = os.path.join(REPO, "experiments", "data", "tiny", "lm_train.jsonl")
 SEQ_LEN = 24
 TRAIN_RECORDS, EVAL_RECORDS = 16, 8  # two global batches of 8 rows per epoch; one eval batch
 
+# A long file: conftest schedules it first, so the 2 xdist workers finish together.
+pytestmark = pytest.mark.slow
+
 CONFIG_FILE = """
 from fwm.config import default_config
 

@@ -24,6 +24,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from fwm import schema
 from fwm.envs.jsonl import write_jsonl
@@ -34,6 +35,9 @@ from fwm.tokenizer import train_sentencepiece
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_multihost import REPO, _env, _free_port, _wait  # noqa: E402  the launch helpers of the mid-training test
 from test_rl_loop import DOCS, TASKS  # noqa: E402  the tiny search world of the single-process RL test
+
+# A long file: conftest schedules it first, so the 2 xdist workers finish together.
+pytestmark = pytest.mark.slow
 
 CONFIG_FILE = """
 from fwm.config import default_config

@@ -19,6 +19,9 @@ from fwm import report as report_lib
 from fwm.configlib import ConfigError, load_experiment
 from fwm.files import read_json, read_jsonl
 
+# A long file: conftest schedules it first, so the 2 xdist workers finish together.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "experiments", "quickstart.py")
 

@@ -18,6 +18,9 @@ from fwm.rl.loop import run
 from fwm.tokenizer import train_sentencepiece
 from fwm.train.run_control import NonFiniteLossError
 
+# A long file: conftest schedules it first, so the 2 xdist workers finish together.
+pytestmark = pytest.mark.slow
+
 DOCS = [Doc("d1", "Paris\nParis is the capital of France."), Doc("d2", "Lyon\nLyon is a city in France."),
         Doc("d3", "Anne\nAnne is the mayor of Paris."), Doc("d4", "Berlin\nBerlin is the capital of Germany.")]
 TASKS = [{"id": f"t{i}", "question": q, "answers": [a]} for i, (q, a) in enumerate([

@@ -19,6 +19,9 @@ from fwm.model.checkpoint import load_meta
 from fwm.train import inputs, loop
 from fwm.files import read_jsonl as read_jsonl_lines
 
+# A long file: conftest schedules it first, so the 2 xdist workers finish together.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(REPO, "experiments", "tiny.py")
 STEPS = 60

@@ -14,6 +14,9 @@ from fwm.model import transformer as T
 from fwm.train import losses, state as state_lib, steps
 from mesh_checks import assert_trees_close, one_device_mesh
 
+# A long file: conftest schedules it first, so the 2 xdist workers finish together.
+pytestmark = pytest.mark.slow
+
 MODEL = T.ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                       mlp_dim=64, max_seq_len=64)
 B, L = 8, 16
