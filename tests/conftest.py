@@ -29,8 +29,8 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
 
 def pytest_collection_modifyitems(config, items):
     """Files marked `slow` (pytestmark) run first, each file's tests kept together and in order: with
-    `-n 2 --dist loadfile` the workers take whole files in this order, and a long file left for last
-    would run alone while the other worker idles."""
+    `-n 2 --dist loadfile --no-loadscope-reorder` the workers take whole files in this order, and a long
+    file left for last would run alone while the other worker idles."""
     del config
     first_index = {}
     for index, item in enumerate(items):
