@@ -5,6 +5,7 @@ Tokens/s = batch x max_new / the wall time of one whole call (the prompt's prefi
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -115,6 +116,9 @@ def tunix_decode(size: str, batch: int, prompt_len: int, max_new: int, repeats: 
         num_layers=cfg.num_layers, vocab_size=cfg.vocab_size, embed_dim=cfg.hidden_size, hidden_dim=cfg.mlp_dim,
         num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads, rope_theta=int(cfg.rope_theta),
         norm_eps=cfg.norm_eps, weight_tying=cfg.tie_embeddings)
+    # tunix 0.1.6's attention calls apply_rope without the config's rope_theta (its default is 1e6), so
+    # its model would not be this one (greedy rows then disagree); bind the config's value. Speed is unchanged.
+    tunix_llama.apply_rope = functools.partial(tunix_llama.apply_rope, rope_theta=cfg.rope_theta)
     model = tunix_params.create_model_from_safe_tensors(hf_dir, tunix_cfg, dtype=jnp.float32)
     text = _TokenIdText(cfg.vocab_size)
     decoder = tunix_sampler.Sampler(
