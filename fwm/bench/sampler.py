@@ -71,11 +71,16 @@ def hf_decode(size: str, batch: int, prompt_len: int, max_new: int, repeats: int
     seconds, out = _best_call(call, repeats)
     tokens = out[:, prompt_len:].numpy()
     result = {"seconds": seconds, "tokens_per_s": batch * max_new / seconds, "torch_threads": torch.get_num_threads()}
-    ours = os.path.join(hf_dir, f"fwm_tokens_B{batch}.npy")
-    if os.path.exists(ours):
-        # Same weights, greedy: the first tokens agree unless float noise flips a near-tie argmax.
-        result["rows_agreeing_first_8_tokens"] = float(np.mean(np.all(np.load(ours)[:, :8] == tokens[:, :8], axis=1)))
-    return result
+    return {**result, **_agreement_with_fwm(hf_dir, tokens)}
+
+
+def _agreement_with_fwm(hf_dir: str, tokens_BxN: np.ndarray) -> dict:
+    """{"rows_agreeing_first_8_tokens": share} against the tokens fwm_decode saved for this batch, if it ran.
+    Same weights, greedy: the first tokens agree unless float noise flips a near-tie argmax."""
+    ours = os.path.join(hf_dir, f"fwm_tokens_B{len(tokens_BxN)}.npy")
+    if not os.path.exists(ours):
+        return {}
+    return {"rows_agreeing_first_8_tokens": float(np.mean(np.all(np.load(ours)[:, :8] == tokens_BxN[:, :8], axis=1)))}
 
 
 class _TokenIdText:
@@ -139,8 +144,4 @@ def tunix_decode(size: str, batch: int, prompt_len: int, max_new: int, repeats: 
         raise RuntimeError(f"tunix returned {sorted({len(t) for t in tokens})} new tokens per row, expected {max_new}")
     result = {"seconds": seconds, "tokens_per_s": batch * max_new / seconds,
               "compiles_after_warmup": compilations() - before}
-    ours = os.path.join(hf_dir, f"fwm_tokens_B{batch}.npy")
-    if os.path.exists(ours):
-        result["rows_agreeing_first_8_tokens"] = float(np.mean(np.all(np.load(ours)[:, :8] == np.stack(tokens)[:, :8],
-                                                                      axis=1)))
-    return result
+    return {**result, **_agreement_with_fwm(hf_dir, np.stack(tokens))}
