@@ -23,7 +23,8 @@ that measured recipe (experiments/synthetic_learnable_train.py):
              the measured plain recipe was ~5.7 epochs (2,500 steps of 512-token rows); equal epochs, so every
              format sees each question as often                                        per arm, format, seed
   RL         experiments/rl.py:learnable (30 updates, groups of 8 over 8 tasks, lr 1e-4, 6 turns)   per row
-  eval       the 300 held-out questions, greedy + 4 samples (selected@4), 256 new tokens, 6 turns     per row
+  eval       the 300 held-out questions, greedy + 4 samples (selected@4), 256 new tokens, 6 turns, and
+             E[q] of every greedy step (its ECE / AUROC: the greedy text q is 100 almost everywhere)   per row
 
 Format: the paper's FE-SFT alone reaches 99.9 % format adherence, and its comparison is capability at equal
 format; the report marks every row whose greedy format adherence is below 95 % (fwm.report.MIN_FORMAT): its gap
@@ -72,6 +73,9 @@ def base_config(runlocal: bool = False):
     c.eval = eval_section(eval_experiment.get_config("sampled" + small))
     c.eval.env.max_turns = c.stages.rl.rl.max_turns
     c.eval.sampling.max_new_tokens = c.stages.rl.rl.max_new_tokens  # 256: a full-format step is ~150-250 tokens
+    # the greedy text q is 100 at nearly every step of this world's checkpoints (README, "Calibration"), so its
+    # ECE / AUROC say little; E[q] from the <confidence> value probabilities is the calibration the table reads
+    c.eval.foresight.expected_q = True
     if runlocal:
         c.data.progress = False
         c.data.corpora.sft_max_tokens = 256

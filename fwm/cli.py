@@ -246,6 +246,9 @@ def _cmd_pipeline(args: list[str]) -> None:
           + (f"\n{note}\n" if note else ""), flush=True)
     if failed or any(r.status != "finished" for r in results):
         sys.exit(f"fwm pipeline: {failed or 'not finished: ' + states}")
+    stopped = [r.stop_signal for r in results if r.stop_signal]
+    if stopped and _SWEEP_CONFIG.value is not None:  # a row's last stage finished after the signal; no row after it
+        sys.exit(f"fwm pipeline: stopped by {stopped[0]} after {states}; rerun the same command for the rest")
 
 
 def _cmd_report(args: list[str]) -> None:

@@ -402,6 +402,9 @@ class RowResult:
     status: str          # finished | preempted | failed
     record: dict[str, Any]
     record_path: str
+    # SIGTERM / SIGINT received while the row ran, also when it came during the last stage, which then finished
+    # (status finished): a sweep must stop after this row, not start the next
+    stop_signal: str | None = None
 
 
 def run(config: ml_collections.ConfigDict, write_report: bool = True) -> RowResult:
@@ -422,8 +425,9 @@ def run(config: ml_collections.ConfigDict, write_report: bool = True) -> RowResu
     started = time.monotonic()
     logging.info("pipeline %s seed %d: %d stages (%s) in %s", config.name, config.seed, len(specs),
                  " -> ".join(spec.label for spec in specs), workdir)
+    stop = StopRequest("stage")
     try:
-        with StopRequest("stage") as stop:
+        with stop:
             for index, spec in enumerate(specs, start=1):
                 directory = runs.stage_dir(workdir, spec.label, spec.fingerprint)
                 runner: Callable[[], tuple[dict[str, Any], list[str]]]
@@ -465,7 +469,7 @@ def run(config: ml_collections.ConfigDict, write_report: bool = True) -> RowResu
         runs.write_row(workdir, record)
         if write_report:
             _report(workdir)
-    return RowResult(record["status"], record, path)
+    return RowResult(record["status"], record, path, stop.name)
 
 
 def _report(workdir: str) -> None:

@@ -17,7 +17,8 @@ is the same, whichever process or row ran it first. Rows can run as separate pro
 machine, `--rows b` on another, sharing the workdir): each stage is locked while it runs
 (fwm.stages.StageLock), so a second process waits for it and then skips it. Every row config is built and
 validated before the first stage runs. A row that fails is recorded and the sweep goes on with the next
-(the command then exits non-zero); a preempted one (SIGTERM / SIGINT) stops the sweep.
+(the command then exits non-zero). A SIGTERM / SIGINT stops the sweep once the running stage ends: the row
+is preempted, or finished when that stage was its last; no later row starts (the command exits non-zero).
 """
 from __future__ import annotations
 
@@ -154,8 +155,9 @@ def run(sweep: ml_collections.ConfigDict, workdir: str, rows: Sequence[str] | No
             failed.append(f"{config.name} seed {config.seed}: {type(err).__name__}: {err}")
             continue
         results.append(result)
-        if result.status == "preempted":
-            logging.warning("sweep %s stopped: row %s seed %d was preempted", sweep.name, config.name, config.seed)
+        if result.status == "preempted" or result.stop_signal:
+            logging.warning("sweep %s stopped: %s during row %s seed %d (%s); rerun the same command for the rest",
+                            sweep.name, result.stop_signal or "a stop request", config.name, config.seed, result.status)
             break
     if failed:
         raise RowsFailedError(f"{len(failed)} of {len(configs)} row runs failed: " + "; ".join(failed), results)

@@ -1,16 +1,16 @@
 """E[q] from the model's probabilities of the <confidence> values (fwm.eval.expected_q), by hand and against
-direct scoring of each whole sequence on a tiny random model."""
+direct scoring of each whole sequence on a tiny random model (fwm.rollout.sampler.score_continuations)."""
 import jax
 import numpy as np
 import pytest
 
 from fwm.eval import expected_q
 from fwm.model import transformer as T
-from fwm.rl.step import make_token_logprobs
+from fwm.mesh import make_mesh
+from fwm.rollout import sampler
 from fwm.schema import ALL_TAG_TOKENS
 from fwm.tokenizer import train_sentencepiece
 from fwm.train.losses import batch_logits, target_nll
-from mesh_checks import one_device_mesh
 
 
 def test_expected_from_logprobs_by_hand():
@@ -41,33 +41,37 @@ def test_value_tokens_and_the_prefix(tmp_path):
     assert set(ALL_TAG_TOKENS) <= set(tokenizer.tag_ids)
 
 
-def test_value_logprobs_equal_direct_scoring_of_each_sequence():
+def test_score_continuations_equal_direct_scoring_of_each_sequence():
     cfg = T.ModelConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                         mlp_dim=64, max_seq_len=24)
     params = T.init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
-    prefixes = [list(rng.integers(4, 40, n)) for n in (3, 9, 17, 21)]
-    candidates = [[30, 31], [32, 33, 31], [34, 35, 35, 31]]
-    logprobs = make_token_logprobs(cfg, one_device_mesh())
-    got = expected_q.value_logprobs(lambda batch: logprobs(params, batch), prefixes, candidates,
-                                    max_seq_len=cfg.max_seq_len, rows_per_call=5, row_multiple=2)
+    # 22 tokens: room for continuations of up to 3 tokens (the last one is not read), so its 4-token one is NaN;
+    # 24: only the 1-token one (no branch tokens to append)
+    prefixes = [list(rng.integers(4, 40, n)) for n in (3, 9, 17, 21, 5, 22, 24)]
+    candidates = [[30, 31], [32, 33, 31], [34, 35, 35, 31], [36]]
+    # 2 prompts a call padded to 4 rows, on a data x fsdp x tensor mesh: the branches follow their prompt's row
+    got = sampler.score_continuations(cfg, params, prefixes, candidates, prompts_per_call=2,
+                                      mesh=make_mesh({"data": 2, "fsdp": 2, "tensor": 2}))
     # Direct: each whole sequence alone in a row of the model's full length (one compiled shape; the causal model
     # does not look at the padding after it), its candidate's log-probs summed.
     score = jax.jit(lambda batch, targets: -target_nll(batch_logits(cfg, params, batch), targets))
     for n, prefix in enumerate(prefixes):
         for v, cand in enumerate(candidates):
             row = prefix + cand
-            assert len(row) - 1 <= cfg.max_seq_len  # 21 + 4 - 1 = 24: every row here fits
+            if len(row) - 1 > cfg.max_seq_len:
+                assert np.isnan(got[n, v]), (n, v)
+                continue
             tokens, targets = np.zeros((1, cfg.max_seq_len), np.int32), np.zeros((1, cfg.max_seq_len), np.int32)
             tokens[0, :len(row) - 1], targets[0, :len(row) - 1] = row[:-1], row[1:]
             batch = {"tokens_BxL": tokens, "positions_BxL": np.arange(cfg.max_seq_len, dtype=np.int32)[None],
                      "segment_ids_BxL": (np.arange(cfg.max_seq_len) < len(row) - 1).astype(np.int32)[None]}
             logp = np.asarray(score(batch, targets))[0]
-            assert got[n, v] == pytest.approx(logp[len(row) - 1 - len(cand):len(row) - 1].sum(), abs=1e-4)
-    too_long = expected_q.value_logprobs(lambda batch: logprobs(params, batch), [list(range(4, 26))], candidates,
-                                         max_seq_len=cfg.max_seq_len, rows_per_call=8)
-    # the model reads len(row) - 1 tokens: 22 + 2 - 1 and 22 + 3 - 1 fit in 24, 22 + 4 - 1 does not
-    assert np.isfinite(too_long[0, :2]).all() and np.isnan(too_long[0, 2])
+            assert got[n, v] == pytest.approx(logp[len(row) - 1 - len(cand):len(row) - 1].sum(), abs=1e-4), (n, v)
+    assert np.isnan(got[5, 2]) and np.isfinite(got[5, [0, 1, 3]]).all()
+    assert np.isnan(got[6, :3]).all() and np.isfinite(got[6, 3])
+    with pytest.raises(ValueError, match="continuation 1 holds a token id"):
+        sampler.score_continuations(cfg, params, prefixes, [[3], [40]])
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -167,6 +167,26 @@ def test_sweep_rows_share_the_mid_training_stage(finished):
     assert re.search(r"^\| standard mid-train \+ SFT \+ GRPO( †)? \| 1 \|", done.stdout, re.M), done.stdout
 
 
+def test_a_signal_during_a_rows_last_stage_stops_the_sweep_after_it(finished, monkeypatch):
+    """SIGTERM while a row's eval (its last stage, not resumable) runs: the eval finishes and the row with it, and
+    the sweep starts no other row (it used to forget the signal with the row's handler and go on)."""
+    workdir, _, _ = finished
+    s = _micro_sweep()
+    s.base.eval.sampling.max_new_tokens -= 1  # a new eval stage: the one that runs when the signal comes
+    run_eval = pipeline._run_eval
+
+    def signalled_eval(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return run_eval(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_run_eval", signalled_eval)
+    handler = signal.getsignal(signal.SIGTERM)
+    results = sweep.run(s, workdir, rows=["std_sft_grpo", "wm_fesft_fcrl"])
+    assert [(r.record["row"], r.status, r.stop_signal) for r in results] == [("std_sft_grpo", "finished", "SIGTERM")]
+    assert not _stages(results[0].record)["eval"]["skipped"]
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored: a later signal is not swallowed
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"rows.std_sft_grpo.overrides.plan.mid_trian.*mid_train"):
         _row(tmp_path, **{"plan.mid_trian": "wm"})

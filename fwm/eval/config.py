@@ -61,7 +61,7 @@ def default_eval_config() -> ml_collections.ConfigDict:
     # calibration of the belief, not of the greedy mode. Costs one forward row per step and grid value.
     c.foresight.expected_q = False
     c.foresight.expected_q_values = tuple(range(0, 101, 10))
-    c.foresight.expected_q_rows = 64  # rows per forward call
+    c.foresight.expected_q_rows = 64  # steps prefilled per call (each then branches over the values)
     return c
 
 

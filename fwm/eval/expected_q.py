@@ -8,13 +8,15 @@ probability it leaves for 50 or 0 still ranks its steps. With x_t = prompt_t + t
     p(v | x_t) = prod_j p(tok_j(v) | x_t, tok_<j(v)) * p(</confidence> | x_t, tok(v))   (tok(v): v's digit tokens)
     E[q_t]     = sum_v (v / 100) p(v | x_t) / mass_t,   mass_t = sum_v p(v | x_t),   v in `values`
 
-`values` is a grid (eval config `foresight.expected_q_values`, default 0, 10, ..., 100): scoring every value
-0..100 costs 101 forward rows per step. mass_t says how much of the model's probability the grid covers (1 when
-it writes only grid values); a step whose response has no <confidence> tag has no E[q] (None).
+`values` is a grid (eval config `foresight.expected_q_values`, default 0, 10, ..., 100). The log-probabilities
+come from `fwm.rollout.sampler.score_continuations`: one prefill of x_t, its KV cache branched over the values
+(a few tokens each), so a finer grid costs little more than a coarse one. mass_t says how much of the model's
+probability the grid covers (1 when it writes only grid values); a step whose response has no <confidence> tag
+has no E[q] (None).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -50,34 +52,3 @@ def expected_from_logprobs(value_logprobs_NxV: np.ndarray, values: Sequence[int]
     weights_NxV = np.exp(logp_NxV - top_N)  # shifted: the ratio is exact even where every p(v) underflows
     expected_N = weights_NxV @ (np.asarray(values, np.float64) / 100.0) / weights_NxV.sum(axis=1)
     return expected_N, np.exp(top_N[:, 0]) * weights_NxV.sum(axis=1)
-
-
-def value_logprobs(token_logprobs: Callable[[dict[str, np.ndarray]], np.ndarray], prefixes: Sequence[Sequence[int]],
-                   candidates: Sequence[Sequence[int]], *, max_seq_len: int, rows_per_call: int,
-                   row_multiple: int = 1) -> np.ndarray:
-    """log p(candidate | prefix) for every (prefix, candidate) pair, NxV (NaN where prefix + candidate exceeds
-    max_seq_len). `token_logprobs(batch)` returns log p(targets_BxL | tokens) (fwm.rl.step.make_token_logprobs with
-    the params bound); rows are grouped by length, padded to a power of two and to `row_multiple` rows."""
-    pairs = [(n, v) for n in range(len(prefixes)) for v in range(len(candidates))
-             if len(prefixes[n]) + len(candidates[v]) - 1 <= max_seq_len]
-    out_NxV = np.full((len(prefixes), len(candidates)), np.nan)
-    pairs.sort(key=lambda p: len(prefixes[p[0]]))
-    for start in range(0, len(pairs), rows_per_call):
-        chunk = pairs[start:start + rows_per_call]
-        rows = [list(prefixes[n]) + list(candidates[v]) for n, v in chunk]
-        length = min(max_seq_len, 1 << max(0, max(len(r) for r in rows) - 2).bit_length())
-        batch_rows = -(-len(rows) // row_multiple) * row_multiple
-        tokens = np.zeros((batch_rows, length), np.int32)
-        targets = np.zeros_like(tokens)
-        segments = np.zeros_like(tokens)
-        for i, row in enumerate(rows):
-            tokens[i, :len(row) - 1] = row[:-1]
-            targets[i, :len(row) - 1] = row[1:]
-            segments[i, :len(row) - 1] = 1
-        positions = np.broadcast_to(np.arange(length, dtype=np.int32), tokens.shape).copy()
-        logprobs = np.asarray(token_logprobs({"tokens_BxL": tokens, "targets_BxL": targets,
-                                              "segment_ids_BxL": segments, "positions_BxL": positions}))
-        for i, (n, v) in enumerate(chunk):
-            end = len(rows[i]) - 1
-            out_NxV[n, v] = float(logprobs[i, end - len(candidates[v]):end].sum())
-    return out_NxV

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
@@ -40,6 +41,7 @@ from fwm.mesh import make_mesh
 from fwm.model import checkpoint as checkpoint_lib
 from fwm.rollout.envs import EnvPool
 from fwm.rollout.episodes import Episode, ModelPolicy, PromptOptions, episode_slots, run_episodes
+from fwm.rollout.sampler import score_continuations
 from fwm.tokenizer import load_tokenizer
 from fwm.trajectories.collect import EnvSpec
 
@@ -172,19 +174,16 @@ def _expected_q(config: ml_collections.ConfigDict, cfg: Any, params: Any, mesh: 
                 episodes: Sequence[Episode]) -> dict[str, Any]:
     """Calibration of E[q_t] (fwm.eval.expected_q) over every greedy step with a <confidence> tag and over each
     episode's last such step, with the grid's mean probability mass."""
-    from fwm.rl.step import make_token_logprobs  # eval is downstream of rl; only this option needs it
-    from fwm.rollout.sampler import data_parallel_size
-
     values = [int(v) for v in config.foresight.expected_q_values]
     open_id = tokenizer.tag_ids[expected_q.OPEN_TAG]
     located = [(i, t, expected_q.confidence_prefix(step.prompt_ids, step.response_ids, open_id))
                for i, e in enumerate(episodes) for t, step in enumerate(e.steps)]
     located = [(i, t, prefix) for i, t, prefix in located if prefix is not None]
-    logprobs = make_token_logprobs(cfg, mesh)
-    value_logp_NxV = expected_q.value_logprobs(
-        lambda batch: logprobs(params, batch), [prefix for _, _, prefix in located],
-        expected_q.value_token_ids(tokenizer, values), max_seq_len=cfg.max_seq_len,
-        rows_per_call=int(config.foresight.expected_q_rows), row_multiple=data_parallel_size(mesh))
+    started = time.monotonic()
+    value_logp_NxV = score_continuations(cfg, params, [prefix for _, _, prefix in located],
+                                         expected_q.value_token_ids(tokenizer, values),
+                                         prompts_per_call=int(config.foresight.expected_q_rows), mesh=mesh)
+    logging.info("E[q]: %d steps x %d values scored in %.1f s", len(located), len(values), time.monotonic() - started)
     scored = ~np.isnan(value_logp_NxV).any(axis=1)
     expected_N, mass_N = expected_q.expected_from_logprobs(np.where(scored[:, None], value_logp_NxV, 0.0), values)
     steps = [(i, t, float(q), float(m)) for (i, t, _), q, m, ok in zip(located, expected_N, mass_N, scored) if ok]

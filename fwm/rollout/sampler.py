@@ -23,6 +23,10 @@ collective call: each process brings its own prompts (or none) and gets their sa
 processes agree on the prompt bucket and the rows per process, and each process's rows are placed into
 one global batch (fwm.mesh.place_batch) and read back from it (fwm.mesh.local_rows).
 
+`score_continuations(cfg, params, prompts, continuations)` scores rather than samples: log p(continuation |
+prompt) for every pair, each prompt prefilled once and its cache branched over the continuations (E[q] of the
+<confidence> values, fwm.eval.expected_q).
+
 The decode loop stops when every row has produced a stop id or max_new_tokens tokens. A prompt plus
 max_new_tokens longer than model.max_seq_len (the cache) is a ValueError, never a silent overwrite.
 """
@@ -300,3 +304,96 @@ def generate(cfg: transformer.ModelConfig, params: dict, prompts: Sequence[Seque
                    sampling_logprobs=sampling_BxN[row, :lengths_B[row]].tolist(),
                    stopped=bool(done_B[row]))  # a real row is done only by a stop id
             for row in range(len(prompts))]
+
+
+# ---------------------------------------------------------------------------------- scoring branches
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _score_branches(cfg: transformer.ModelConfig, params: dict, cache: kv_cache.KVCache, tokens_BxL: jax.Array,
+                    valid_BxL: jax.Array, branches_BxVxC: jax.Array, branch_valid_BxVxC: jax.Array) -> jax.Array:
+    """log p(branch_v | prompt_b) summed over each branch's valid tokens, BxV: one prefill of the prompts, its
+    cache repeated for the V branches, the first C - 1 branch tokens appended in one extend."""
+    logits_BxLxV, cache, positions_B = kv_cache.prefill(cfg, params, cache, tokens_BxL, valid_BxL)
+    b, v, c = branches_BxVxC.shape
+    tokens_RxC = branches_BxVxC.reshape(b * v, c)
+    first_logp_BxT = jax.nn.log_softmax(logits_BxLxV[:, -1])  # the prompt's last slot predicts token 0
+    logp_RxC = jnp.take_along_axis(jnp.repeat(first_logp_BxT, v, axis=0), tokens_RxC[:, :1], axis=1)
+    if c > 1:
+        # Branch rows sit next to their prompt's row, so the repeated cache stays on the prompt's data shard.
+        repeat = lambda x: jnp.repeat(x, v, axis=0)  # noqa: E731
+        cache = kv_cache.KVCache(tuple(map(repeat, cache.k)), tuple(map(repeat, cache.v)),
+                                 repeat(cache.segment_ids_BxS), cache.index)
+        positions_RxC = repeat(positions_B)[:, None] + jnp.arange(c - 1, dtype=jnp.int32)[None]
+        # Right padding of short branches is harmless: causal attention never lets a valid token see it.
+        logits_RxCxT, _ = kv_cache.extend(cfg, params, cache, tokens_RxC[:, :-1], positions_RxC,
+                                          branch_valid_BxVxC.reshape(b * v, c)[:, :-1])
+        rest_RxC = jnp.take_along_axis(jax.nn.log_softmax(logits_RxCxT), tokens_RxC[:, 1:, None], axis=2)[..., 0]
+        logp_RxC = jnp.concatenate([logp_RxC, rest_RxC], axis=1)
+    return jnp.sum(jnp.where(branch_valid_BxVxC.reshape(b * v, c), logp_RxC, 0.0), axis=1).reshape(b, v)
+
+
+def score_continuations(cfg: transformer.ModelConfig, params: dict, prompts: Sequence[Sequence[int]],
+                        continuations: Sequence[Sequence[int]], prompts_per_call: int = 64,
+                        mesh: Mesh | None = None) -> np.ndarray:
+    """log p(continuation_v | prompt_n) for every prompt and continuation, NxV float64 (NaN where prompt +
+    continuation minus its last token exceeds cfg.max_seq_len: the model never reads a continuation's last token).
+
+    Each prompt is prefilled once and its KV cache branched over the V continuations (a few tokens each, such as
+    the values a <confidence> span could hold): the cost of about one forward pass per prompt, not V. Prompts are
+    grouped by length and padded as `generate` pads them, `prompts_per_call` to a call (each prefilled row
+    branches into V rows). One process (several: ValueError).
+    """
+    if jax.process_count() > 1:
+        raise ValueError("score_continuations: one process only (each process would bring different prompts)")
+    if not continuations or any(len(c) == 0 for c in continuations):
+        raise ValueError(f"score_continuations: expected non-empty continuations, got {list(continuations)!r}")
+    for kind, sequences in (("prompt", prompts), ("continuation", continuations)):
+        for i, ids in enumerate(sequences):
+            if len(ids) and (min(ids) < 0 or max(ids) >= cfg.vocab_size):
+                raise ValueError(f"score_continuations: {kind} {i} holds a token id outside [0, vocab_size="
+                                 f"{cfg.vocab_size})")
+    if prompts_per_call < 1:
+        raise ValueError(f"score_continuations: prompts_per_call must be >= 1, got {prompts_per_call}")
+    num_v, width = len(continuations), max(len(c) for c in continuations)
+    out_NxV = np.full((len(prompts), num_v), np.nan)
+    # room: the longest continuation a prompt can take (its last token is never read)
+    room = {n: cfg.max_seq_len - len(p) + 1 for n, p in enumerate(prompts) if len(p)}
+    groups: dict[int, list[int]] = {}
+    for n, r in room.items():
+        fits = min(width, r)
+        if fits >= 1:
+            groups.setdefault(fits, []).append(n)
+    mesh = mesh if mesh is not None else make_mesh()
+    data_parallel = data_parallel_size(mesh)
+    with jax.set_mesh(mesh), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+        params = jax.device_put(params, _param_shardings(cfg, mesh))
+        for fits, members in sorted(groups.items()):
+            kept = [v for v, c in enumerate(continuations) if len(c) <= fits]
+            if not kept:
+                continue
+            c = max(len(continuations[v]) for v in kept)
+            branches_VxC = np.zeros((len(kept), c), np.int32)
+            branch_valid_VxC = np.zeros((len(kept), c), bool)
+            for j, v in enumerate(kept):
+                branches_VxC[j, :len(continuations[v])] = continuations[v]
+                branch_valid_VxC[j, :len(continuations[v])] = True
+            members.sort(key=lambda n: len(prompts[n]))
+            for start in range(0, len(members), prompts_per_call):
+                chunk = members[start:start + prompts_per_call]
+                length = prompt_bucket(max(len(prompts[n]) for n in chunk), c - 1, cfg.max_seq_len)
+                batch = batch_bucket(len(chunk), data_parallel)
+                tokens_BxL = np.zeros((batch, length), np.int32)
+                valid_BxL = np.zeros((batch, length), bool)
+                for row, n in enumerate(chunk):
+                    tokens_BxL[row, length - len(prompts[n]):] = prompts[n]
+                    valid_BxL[row, length - len(prompts[n]):] = True
+                valid_BxL[len(chunk):, -1] = True  # padding rows: one dummy token, so attention is not empty
+                rows = place_batch(mesh, {"tokens": tokens_BxL, "valid": valid_BxL,
+                                          "branches": np.repeat(branches_VxC[None], batch, axis=0),
+                                          "branch_valid": np.repeat(branch_valid_VxC[None], batch, axis=0)})
+                cache = _init_cache(cfg, batch, length + c - 1)
+                logp_BxV = local_rows(_score_branches(cfg, params, cache, rows["tokens"], rows["valid"],
+                                                      rows["branches"], rows["branch_valid"]))
+                for row, n in enumerate(chunk):
+                    out_NxV[n, kept] = logp_BxV[row]
+    return out_NxV
