@@ -52,10 +52,14 @@ def _path(*keys: str) -> Callable[[Mapping[str, Any]], Any]:
     return get
 
 
-def _at_k(name: str) -> Callable[[Mapping[str, Any]], Any]:
+def _at_k(name: str, within: str = "") -> Callable[[Mapping[str, Any]], Any]:
+    """NAME@k of the sampled episodes (`within`: of that record of them, such as expected_q, not by_source)."""
     def get(results: Mapping[str, Any]) -> Any:
         sampled = results.get("sampled")
-        return _path("sampled", "by_source", "all", f"{name}@{sampled['k']}")(results) if sampled else None
+        if not sampled:
+            return None
+        keys = (within,) if within else ("by_source", "all")
+        return _path("sampled", *keys, f"{name}@{sampled['k']}")(results)
     return get
 
 
@@ -73,6 +77,8 @@ METRICS = (
     Metric("recovery", "recovery %", PCT, _path("greedy", "recovery", "rate")),
     Metric("tokens", "tokens/episode", NUM, _path("greedy", "by_source", "all", "response_tokens")),
     Metric("selected_at_k", "selected@k %", PCT, _at_k("selected")),
+    # best-of-k by the E[q] of each sample's last step, where the eval scored it (the written q may not vary)
+    Metric("selected_at_k_expected", "selected@k E[q] %", PCT, _at_k("selected", "expected_q")),
     Metric("mean_at_k", "mean@k %", PCT, _at_k("mean")),
     Metric("pass_at_k", "pass@k %", PCT, _at_k("pass")),
 )

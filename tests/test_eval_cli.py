@@ -54,8 +54,13 @@ def test_fwm_eval_end_to_end_on_a_random_model(tmp_path):
     assert expected["steps"]["count"] + expected["steps"]["missing"] == steps and expected["values"][-1] == 100
     assert expected["last_step"]["count"] + expected["last_step"]["missing"] == 3
     assert isinstance(sampled["selected@2"], float) and 0.0 <= sampled["selected@2"] <= 1.0
+    # and at the last step of each sampled episode, with selected@k by it (a float: ties and no E[q] are uniform)
+    sampled_expected = results["sampled"]["expected_q"]
+    assert sampled_expected["last_step"]["count"] + sampled_expected["last_step"]["missing"] == 6
+    assert 0.0 <= sampled_expected["selected@2"] <= 1.0
     page = (out / "eval.md").read_text()
     assert "| all | 3 |" in page and "mean@2" in page and "Best constant answers" in page
+    assert "| selected@2 by E[q] % |" in page
     assert "selected@2" in page and "| q (every step): ECE / Brier / AUROC |" in page and "Risk-coverage" in page
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(out / "tb"))

@@ -134,6 +134,9 @@ def test_selected_at_k_by_hand():
            + group("t4", [(0.1, False), (0.8, True), (None, False)]))  # picks 0.8 -> 1
     assert foresight.selected_at_k(eps) == pytest.approx((0 + 0.5 + 1 / 3 + 1) / 4)
     assert foresight.selected_at_k(group("t5", [(0.5, True)])) == 1.0 and foresight.selected_at_k([]) is None
+    # by another q (the eval's E[q]): here 1 - the written q, so t1 picks 0.6 -> 1, t2 0.8 -> 0, t3 1/3, t4 0.9 -> 0
+    flipped = foresight.selected_at_k(eps, lambda e: None if foresight.last_q(e) is None else 1 - foresight.last_q(e))
+    assert flipped == pytest.approx((1 + 0 + 1 / 3 + 0) / 4)
 
 
 def test_risk_coverage_by_hand():

@@ -9,7 +9,7 @@ from fwm import report, runs
 from fwm.files import DataFormatError, write_json, write_jsonl
 
 
-def _eval_results(score, ece, bins, curve, selected=None, format_adherence=0.9):
+def _eval_results(score, ece, bins, curve, selected=None, format_adherence=0.9, selected_expected=None):
     greedy = {"by_source": {"all": {"episodes": 10, "score": score, "format_adherence": format_adherence,
                                     "response_tokens": 50.0}},
               "calibration": {"steps": {"ece": ece, "brier": 0.2, "auroc": None, "reliability": bins}},
@@ -18,6 +18,8 @@ def _eval_results(score, ece, bins, curve, selected=None, format_adherence=0.9):
     results = {"greedy": greedy}
     if selected is not None:
         results["sampled"] = {"k": 4, "by_source": {"all": {"selected@4": selected, "mean@4": 0.1, "pass@4": 0.3}}}
+    if selected_expected is not None:
+        results["sampled"]["expected_q"] = {"selected@4": selected_expected}
     return results
 
 
@@ -50,10 +52,11 @@ def test_report_of_a_partly_finished_sweep(tmp_path):
     curve = [{"threshold": 0.0, "coverage": 1.0, "accuracy": 0.2}, {"threshold": 0.5, "coverage": 0.4,
                                                                      "accuracy": 0.5},
              {"threshold": 1.0, "coverage": 0.0, "accuracy": None}]
-    _write_run(workdir, "a", 0, "finished", _eval_results(0.2, 0.1, [_bin(0.1, 3, 0.15, 0.0)], curve, 0.3),
-               rl=[(2, 0.1, 0.0), (4, 0.3, 0.5)])
+    _write_run(workdir, "a", 0, "finished", _eval_results(0.2, 0.1, [_bin(0.1, 3, 0.15, 0.0)], curve, 0.3,
+                                                          selected_expected=0.6), rl=[(2, 0.1, 0.0), (4, 0.3, 0.5)])
     _write_run(workdir, "a", 1, "finished", _eval_results(0.4, 0.3, [_bin(0.1, 1, 0.19, 1.0),
-                                                                     _bin(0.8, 2, 0.85, 1.0)], curve, 0.5))
+                                                                     _bin(0.8, 2, 0.85, 1.0)], curve, 0.5,
+                                                          selected_expected=0.8))
     _write_run(workdir, "b", 0, "finished", _eval_results(0.0, 0.05, [], curve, format_adherence=0.95))
     _write_run(workdir, "b", 1, "preempted", rl=[(2, 0.0, 0.0)])
     path = report.write_report(workdir)
@@ -67,11 +70,13 @@ def test_report_of_a_partly_finished_sweep(tmp_path):
     table = report.table_text(path).splitlines()
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header == ["row", "n", "score %", "format %", "ECE", "Brier", "grounding %", "recovery %",
-                      "tokens/episode", "selected@k %", "mean@k %", "pass@k %", "paper"]  # AUROC, horizon: None
+                      "tokens/episode", "selected@k %", "selected@k E[q] %", "mean@k %", "pass@k %", "paper"]
+    # (AUROC, horizon and the greedy E[q] columns: None in every row, left out)
     a = [c.strip() for c in table[2].strip("|").split("|")]
     # std with ddof=1; A's format (90 %) is below 95 %: marked, B's (95 %) is not
     assert a[:5] == ["A †", "2", "30.0 ± 14.1", "90.0 ± 0.0", "0.200 ± 0.141"]
     assert a[header.index("selected@k %")] == "40.0 ± 14.1" and a[-1] == "50.6"
+    assert a[header.index("selected@k E[q] %")] == "70.0 ± 14.1"
     b = [c.strip() for c in table[3].strip("|").split("|")]
     assert b[:4] == ["B", "1", "0.0", "95.0"] and b[header.index("selected@k %")] == "-"
     assert "- b seed 1: preempted" in page and "- c seed 0: not started" in page and "- c seed 1: not started" in page

@@ -57,8 +57,9 @@ def default_eval_config() -> ml_collections.ConfigDict:
     c.sampling.top_k = 0              # 0: off
     c.sampling.top_p = 1.0            # 1: off
     c.foresight = ml_collections.ConfigDict()
-    # E[q] of every greedy step from the model's probabilities of the <confidence> values (fwm.eval.expected_q):
-    # calibration of the belief, not of the greedy mode. Costs one forward row per step and grid value.
+    # E[q] from the model's probabilities of the <confidence> values (fwm.eval.expected_q): calibration of the
+    # belief, not of the greedy mode, at every greedy step; and at the last step of every sampled episode, with
+    # selected@k by it. Costs about one prefill per scored step.
     c.foresight.expected_q = False
     c.foresight.expected_q_values = tuple(range(0, 101, 10))
     c.foresight.expected_q_rows = 64  # steps prefilled per call (each then branches over the values)
@@ -99,8 +100,6 @@ def validate_eval_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     require(bool(values) and len(set(values)) == len(values) and all(
         isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 100 for v in values),
         "foresight.expected_q_values", "distinct ints in [0, 100]", values)
-    require(c.sampling.greedy or not c.foresight.expected_q, "foresight.expected_q",
-            "False without greedy episodes (E[q] is computed on the greedy ones)", c.foresight.expected_q)
     require(c.foresight.expected_q_rows >= 1, "foresight.expected_q_rows", "an int >= 1", c.foresight.expected_q_rows)
     return config
 

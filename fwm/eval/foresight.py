@@ -35,7 +35,7 @@ keywords, q, response_text for the roadmap); a malformed step (no q, no keywords
 from __future__ import annotations
 
 import collections
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -218,18 +218,19 @@ def last_q(episode: Episode) -> float | None:
     return episode.steps[-1].q if episode.steps else None
 
 
-def selected_at_k(episodes: Sequence[Episode]) -> float | None:
+def selected_at_k(episodes: Sequence[Episode], q_of: Callable[[Episode], float | None] = last_q) -> float | None:
     """Best-of-k by q: per task, the success of the sample with the highest last-step q, averaged over tasks.
 
     Ties (and a task whose samples all lack q) count as a uniform pick among the tied samples: their mean
-    success. A sample without q loses to any sample with one. None without episodes.
+    success. A sample without q loses to any sample with one. None without episodes. q_of: the episode's q
+    (default its last step's written q; the eval's E[q] of that step where it ran).
     """
     groups: dict[str, list[Episode]] = collections.defaultdict(list)
     for episode in episodes:
         groups[episode.slot.task.id].append(episode)
     values = []
     for group in groups.values():
-        qs = [last_q(e) for e in group]
+        qs = [q_of(e) for e in group]
         known = [q for q in qs if q is not None]
         chosen = [e for e, q in zip(group, qs) if q == max(known)] if known else group
         values.append(np.mean([e.success for e in chosen]))

@@ -43,12 +43,18 @@ def expected_q_lines(expected: Mapping[str, Any] | None) -> list[str]:
     """The E[q] rows of the world-model table (fwm.eval.expected_q; none unless foresight.expected_q ran)."""
     if not expected:
         return []
-    steps, last = expected["steps"], expected["last_step"]
-    return [f"| E[q] (every step): ECE / Brier / AUROC | {_num(steps['ece'])} / {_num(steps['brier'])} / "
-            f"{_num(steps['auroc'])} over {steps['count']} steps; mean E[q] {_num(steps['mean_q'])}, grid "
-            f"{_num(expected['mean_mass'])} of the probability |",
-            f"| E[q] (last step): ECE / Brier / AUROC | {_num(last['ece'])} / {_num(last['brier'])} / "
-            f"{_num(last['auroc'])} over {last['count']} episodes |"]
+    lines = []
+    last, grid = expected["last_step"], f"grid {_num(expected['mean_mass'])} of the probability"
+    if "steps" in expected:  # greedy: every step; sampled: the last steps only, and selected@k by E[q]
+        steps = expected["steps"]
+        lines.append(f"| E[q] (every step): ECE / Brier / AUROC | {_num(steps['ece'])} / {_num(steps['brier'])} / "
+                     f"{_num(steps['auroc'])} over {steps['count']} steps; mean E[q] {_num(steps['mean_q'])}, {grid} |")
+    mean = "" if "steps" in expected else f"; mean E[q] {_num(last['mean_q'])}, {grid}"
+    lines.append(f"| E[q] (last step): ECE / Brier / AUROC | {_num(last['ece'])} / {_num(last['brier'])} / "
+                 f"{_num(last['auroc'])} over {last['count']} episodes{mean} |")
+    lines += [f"| {name} by E[q] % | {_pct(value)} |" for name, value in expected.items()
+              if name.startswith("selected@")]
+    return lines
 
 
 def world_model_lines(run: Mapping[str, Any]) -> list[str]:

@@ -170,32 +170,59 @@ def _results_of(episodes: Sequence[Episode], k: int | None) -> dict[str, Any]:
     return out
 
 
+def _score_expected_q(config: ml_collections.ConfigDict, cfg: Any, params: Any, mesh: Any, tokenizer: Any,
+                      prefixes: Sequence[Sequence[int]]) -> tuple[list[float | None], list[float | None]]:
+    """(E[q], grid mass) per prefix up to <confidence> (fwm.eval.expected_q); None where it does not fit."""
+    values = [int(v) for v in config.foresight.expected_q_values]
+    started = time.monotonic()
+    value_logp_NxV = score_continuations(cfg, params, prefixes, expected_q.value_token_ids(tokenizer, values),
+                                         prompts_per_call=int(config.foresight.expected_q_rows), mesh=mesh)
+    logging.info("E[q]: %d steps x %d values scored in %.1f s", len(prefixes), len(values), time.monotonic() - started)
+    scored = ~np.isnan(value_logp_NxV).any(axis=1)
+    expected_N, mass_N = expected_q.expected_from_logprobs(np.where(scored[:, None], value_logp_NxV, 0.0), values)
+    return ([float(q) if ok else None for q, ok in zip(expected_N, scored)],
+            [float(m) if ok else None for m, ok in zip(mass_N, scored)])
+
+
 def _expected_q(config: ml_collections.ConfigDict, cfg: Any, params: Any, mesh: Any, tokenizer: Any,
                 episodes: Sequence[Episode]) -> dict[str, Any]:
     """Calibration of E[q_t] (fwm.eval.expected_q) over every greedy step with a <confidence> tag and over each
     episode's last such step, with the grid's mean probability mass."""
-    values = [int(v) for v in config.foresight.expected_q_values]
     open_id = tokenizer.tag_ids[expected_q.OPEN_TAG]
-    located = [(i, t, expected_q.confidence_prefix(step.prompt_ids, step.response_ids, open_id))
-               for i, e in enumerate(episodes) for t, step in enumerate(e.steps)]
-    located = [(i, t, prefix) for i, t, prefix in located if prefix is not None]
-    started = time.monotonic()
-    value_logp_NxV = score_continuations(cfg, params, [prefix for _, _, prefix in located],
-                                         expected_q.value_token_ids(tokenizer, values),
-                                         prompts_per_call=int(config.foresight.expected_q_rows), mesh=mesh)
-    logging.info("E[q]: %d steps x %d values scored in %.1f s", len(located), len(values), time.monotonic() - started)
-    scored = ~np.isnan(value_logp_NxV).any(axis=1)
-    expected_N, mass_N = expected_q.expected_from_logprobs(np.where(scored[:, None], value_logp_NxV, 0.0), values)
-    steps = [(i, t, float(q), float(m)) for (i, t, _), q, m, ok in zip(located, expected_N, mass_N, scored) if ok]
+    located = [(i, expected_q.confidence_prefix(step.prompt_ids, step.response_ids, open_id))
+               for i, e in enumerate(episodes) for step in e.steps]
+    located = [(i, prefix) for i, prefix in located if prefix is not None]
+    qs, masses = _score_expected_q(config, cfg, params, mesh, tokenizer, [prefix for _, prefix in located])
+    steps = [(i, q, m) for (i, _), q, m in zip(located, qs, masses) if q is not None]
     last: dict[int, float] = {}
-    for i, _, q, _ in steps:  # in step order: the last one written wins
+    for i, q, _ in steps:  # in step order: the last one written wins
         last[i] = q
     total_steps = sum(len(e.steps) for e in episodes)
-    return {"values": values, "mean_mass": float(np.mean([m for *_, m in steps])) if steps else None,
-            "steps": foresight.calibration([q for _, _, q, _ in steps], [episodes[i].success for i, *_ in steps],
+    return {"values": [int(v) for v in config.foresight.expected_q_values],
+            "mean_mass": float(np.mean([m for *_, m in steps])) if steps else None,
+            "steps": foresight.calibration([q for _, q, _ in steps], [episodes[i].success for i, *_ in steps],
                                            total_steps - len(steps)),
             "last_step": foresight.calibration(list(last.values()), [episodes[i].success for i in last],
                                                len(episodes) - len(last))}
+
+
+def _expected_q_sampled(config: ml_collections.ConfigDict, cfg: Any, params: Any, mesh: Any, tokenizer: Any,
+                        episodes: Sequence[Episode], k: int) -> dict[str, Any]:
+    """q at test time from the model's belief: E[q] of each sampled episode's last step (the step whose written
+    q selected@k reads), its calibration, and selected@k by it (best-of-k by E[q] instead of the written q,
+    which a model that writes 100 everywhere makes a uniform pick)."""
+    open_id = tokenizer.tag_ids[expected_q.OPEN_TAG]
+    last = [(i, expected_q.confidence_prefix(e.steps[-1].prompt_ids, e.steps[-1].response_ids, open_id))
+            for i, e in enumerate(episodes) if e.steps]
+    last = [(i, prefix) for i, prefix in last if prefix is not None]
+    qs, masses = _score_expected_q(config, cfg, params, mesh, tokenizer, [prefix for _, prefix in last])
+    by_episode = {id(episodes[i]): q for (i, _), q in zip(last, qs) if q is not None}
+    known = [(q, episodes[i].success) for (i, _), q in zip(last, qs) if q is not None]
+    return {"values": [int(v) for v in config.foresight.expected_q_values],
+            "mean_mass": float(np.mean([m for m in masses if m is not None])) if known else None,
+            "last_step": foresight.calibration([q for q, _ in known], [y for _, y in known],
+                                               len(episodes) - len(known)),
+            f"selected@{k}": foresight.selected_at_k(episodes, lambda e: by_episode.get(id(e)))}
 
 
 def tensorboard_scalars(results: Mapping[str, Any]) -> dict[str, float]:
@@ -282,6 +309,9 @@ def run(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                     options, progress=config.progress, desc=f"eval {s.k} samples")
             write_jsonl(os.path.join(config.workdir, "episodes_sampled.jsonl"), (e.to_dict() for e in episodes))
             results["sampled"] = _results_of(episodes, s.k)
+            if config.foresight.expected_q:
+                results["sampled"]["expected_q"] = _expected_q_sampled(config, cfg, params, mesh, tokenizer, episodes,
+                                                                       s.k)
     write_json(os.path.join(config.workdir, "eval.json"), results)
     write_tensorboard(os.path.join(config.workdir, "tb"), tensorboard_scalars(results), int(meta.get("step", 0)))
     page = report.markdown(results)
