@@ -100,3 +100,25 @@ def test_the_decode_loop_writes_the_cache_in_place():
             return jax.lax.dynamic_update_slice_in_dim(k, jnp.ones(k.shape[:3] + (1,)), i, axis=3), k
         return jax.lax.fori_loop(0, 6, body, (k_BxKxHxS, k_BxKxHxS))
     assert _copies_in_loops(jax.jit(keeps_old).lower(cache.k[0]).compile().as_text(), shapes)
+
+
+def test_long_prefill_by_query_blocks_equals_one_softmax_and_each_row_alone(monkeypatch):
+    """From T.PREFILL_BLOCKS_FROM tokens prefill attends by causal query blocks (3 blocks of 64 at 150 tokens
+    here); a left-padded batch gets the logits of one softmax over all slots and of each row run alone."""
+    params = T.init_params(CFG, jax.random.key(3))
+    rng = np.random.default_rng(3)
+    width, lengths = 150, [150, 97, 30]
+    tokens = np.zeros((3, width), np.int32)
+    valid = np.zeros((3, width), bool)
+    for i, n in enumerate(lengths):
+        tokens[i, width - n:] = rng.integers(1, CFG.vocab_size, n)
+        valid[i, width - n:] = True
+    logits = {}
+    for blocks_from in (128, 10**9):
+        monkeypatch.setattr(T, "PREFILL_BLOCKS_FROM", blocks_from)
+        logits[blocks_from], _, _ = C.prefill(CFG, params, C.init_cache(CFG, 3, width + 1), tokens, valid)
+    assert len(T.query_blocks(width)) == 3
+    for i, n in enumerate(lengths):
+        alone = T.forward(CFG, params, tokens[i:i + 1, width - n:])[0]
+        for blocks_from in (128, 10**9):
+            np.testing.assert_allclose(logits[blocks_from][i, width - n:], alone, atol=1e-5, rtol=1e-5)

@@ -255,6 +255,9 @@ def attend_cache(q_BxLxKxGxH: jax.Array, keys_BxKxHxS: jax.Array, values_BxKxSxH
 # Query blocks of causal self-attention: at least this many rows, and at most this many blocks (so the traced
 # graph, one pair of matmuls per block, stays small at long sequences).
 MIN_QUERY_BLOCK, MAX_QUERY_BLOCKS = 64, 16
+# Prefill (a KV cache's first L tokens) uses those blocks from this many tokens: at 64 x 766 tokens on the
+# synthetic study's model one softmax over all slots made the prefill 1.7x a training forward of the batch.
+PREFILL_BLOCKS_FROM = 512
 
 
 def query_blocks(length: int) -> list[tuple[int, int]]:
@@ -335,14 +338,19 @@ class Attention(nn.Module):
             new_kv = (jax.lax.dynamic_update_slice_in_dim(cache_kT, new_kT, start, axis=3),
                       jax.lax.dynamic_update_slice_in_dim(cache_v, new_v, start, axis=2))
             if self.empty_cache:
-                # Only the L new tokens exist. One softmax over them, not `causal_self_attention`'s query
-                # blocks: blocks made every prefill program (one per prompt bucket) compile longer, +22% on the
-                # sampler and RL loop tests. The keys pass through the cache dtype as cached ones do, so a
-                # step sees the same numbers whether a key was written this call or an earlier one.
-                new_slots_L = start + jnp.arange(l, dtype=jnp.int32)
+                # Only the L new tokens exist, at slots 0..L-1. Short prompts: one softmax over them (query
+                # blocks made every prefill program compile longer, +22% on the sampler and RL loop tests);
+                # from PREFILL_BLOCKS_FROM tokens `causal_self_attention`'s blocks, which skip the scores above
+                # the diagonal (PREFILL_BLOCKS_FROM's comment). The keys pass through the cache dtype as cached
+                # ones do, so a step sees the same numbers whether a key was written this call or an earlier one.
                 new_seg_BxL = jax.lax.dynamic_slice_in_dim(k_seg_BxS, start, l, axis=1)
-                out = attend_cache(q_BxLxKxGxH, new_kT.astype(q.dtype), new_v.astype(q.dtype),
-                                   attention_mask(q_seg_BxL, q_slot_BxL, new_seg_BxL, new_slots_L))
+                if l >= PREFILL_BLOCKS_FROM:
+                    out = causal_self_attention(q_BxLxKxGxH, new_kT.astype(q.dtype).transpose(0, 1, 3, 2),
+                                                new_v.astype(q.dtype), q_seg_BxL, q_slot_BxL, new_seg_BxL)
+                else:
+                    new_slots_L = start + jnp.arange(l, dtype=jnp.int32)
+                    out = attend_cache(q_BxLxKxGxH, new_kT.astype(q.dtype), new_v.astype(q.dtype),
+                                       attention_mask(q_seg_BxL, q_slot_BxL, new_seg_BxL, new_slots_L))
             else:
                 slots_S = jnp.arange(cache_v.shape[2], dtype=jnp.int32)
                 out = attend_cache(q_BxLxKxGxH, new_kv[0].astype(q.dtype), new_kv[1].astype(q.dtype),
