@@ -75,6 +75,8 @@ METRICS = (
     Metric("grounding", "grounding %", PCT, _path("greedy", "keyword_grounding", "rate")),
     Metric("horizon", "horizon", NUM, _path("greedy", "planning_horizon", "horizon"), 2),
     Metric("recovery", "recovery %", PCT, _path("greedy", "recovery", "rate")),
+    # how many episodes the recovery rate is over (those with an unproductive step): often a few dozen
+    Metric("recovery_episodes", "recovery n", NUM, _path("greedy", "recovery", "episodes"), 0),
     Metric("tokens", "tokens/episode", NUM, _path("greedy", "by_source", "all", "response_tokens")),
     Metric("selected_at_k", "selected@k %", PCT, _at_k("selected")),
     # best-of-k by the E[q] of each sample's last step, where the eval scored it (the written q may not vary)

@@ -9,12 +9,13 @@ from fwm import report, runs
 from fwm.files import DataFormatError, write_json, write_jsonl
 
 
-def _eval_results(score, ece, bins, curve, selected=None, format_adherence=0.9, selected_expected=None):
+def _eval_results(score, ece, bins, curve, selected=None, format_adherence=0.9, selected_expected=None,
+                  episodes=4):
     greedy = {"by_source": {"all": {"episodes": 10, "score": score, "format_adherence": format_adherence,
                                     "response_tokens": 50.0}},
               "calibration": {"steps": {"ece": ece, "brier": 0.2, "auroc": None, "reliability": bins}},
               "keyword_grounding": {"rate": 0.5}, "planning_horizon": {"horizon": None},
-              "recovery": {"rate": 0.25}, "risk_coverage": curve}
+              "recovery": {"rate": 0.25, "episodes": episodes}, "risk_coverage": curve}
     results = {"greedy": greedy}
     if selected is not None:
         results["sampled"] = {"k": 4, "by_source": {"all": {"selected@4": selected, "mean@4": 0.1, "pass@4": 0.3}}}
@@ -56,7 +57,7 @@ def test_report_of_a_partly_finished_sweep(tmp_path):
                                                           selected_expected=0.6), rl=[(2, 0.1, 0.0), (4, 0.3, 0.5)])
     _write_run(workdir, "a", 1, "finished", _eval_results(0.4, 0.3, [_bin(0.1, 1, 0.19, 1.0),
                                                                      _bin(0.8, 2, 0.85, 1.0)], curve, 0.5,
-                                                          selected_expected=0.8))
+                                                          selected_expected=0.8, episodes=7))
     _write_run(workdir, "b", 0, "finished", _eval_results(0.0, 0.05, [], curve, format_adherence=0.95))
     _write_run(workdir, "b", 1, "preempted", rl=[(2, 0.0, 0.0)])
     path = report.write_report(workdir)
@@ -70,13 +71,15 @@ def test_report_of_a_partly_finished_sweep(tmp_path):
     table = report.table_text(path).splitlines()
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header == ["row", "n", "score %", "format %", "ECE", "Brier", "grounding %", "recovery %",
-                      "tokens/episode", "selected@k %", "selected@k E[q] %", "mean@k %", "pass@k %", "paper"]
+                      "recovery n", "tokens/episode", "selected@k %", "selected@k E[q] %", "mean@k %", "pass@k %",
+                      "paper"]
     # (AUROC, horizon and the greedy E[q] columns: None in every row, left out)
     a = [c.strip() for c in table[2].strip("|").split("|")]
     # std with ddof=1; A's format (90 %) is below 95 %: marked, B's (95 %) is not
     assert a[:5] == ["A †", "2", "30.0 ± 14.1", "90.0 ± 0.0", "0.200 ± 0.141"]
     assert a[header.index("selected@k %")] == "40.0 ± 14.1" and a[-1] == "50.6"
     assert a[header.index("selected@k E[q] %")] == "70.0 ± 14.1"
+    assert a[header.index("recovery n")] == "6 ± 2"  # episodes behind the recovery rate: 4 and 7
     b = [c.strip() for c in table[3].strip("|").split("|")]
     assert b[:4] == ["B", "1", "0.0", "95.0"] and b[header.index("selected@k %")] == "-"
     assert "- b seed 1: preempted" in page and "- c seed 0: not started" in page and "- c seed 1: not started" in page
