@@ -40,6 +40,15 @@ def row_dir(workdir: str, row: str, seed: int) -> str:
     return os.path.join(os.path.abspath(workdir), RUNS_DIR, row, f"seed{seed}")
 
 
+def located(workdir: str, recorded_dir: str) -> str:
+    """A row record's stage directory (its `dir`, `eval_dir`) as WORKDIR/stages/NAME of the workdir being read.
+    Records hold the absolute path the stage ran in; a workdir that was moved, restored elsewhere, or gathered
+    from several machines into one directory holds its stages under its own stages/, by the same content-addressed
+    NAME. The recorded path when the workdir has no such directory (a stage kept outside it)."""
+    here = os.path.join(os.path.abspath(workdir), STAGES_DIR, os.path.basename(os.path.normpath(recorded_dir)))
+    return here if os.path.isdir(here) else recorded_dir
+
+
 def write_row(workdir: str, record: Mapping[str, Any]) -> str:
     """Writes a (row, seed)'s record atomically; returns its path."""
     path = os.path.join(row_dir(workdir, record["row"], int(record["seed"])), ROW_RECORD)

@@ -6,6 +6,7 @@ arm reuses its directory. The report's table and figures hold numbers."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +145,26 @@ def test_rerun_skips_and_a_changed_stage_is_redone_with_what_follows(finished):
     assert not new["rl"]["skipped"] and not new["eval"]["skipped"]
     assert new["rl"]["dir"] != old["rl"]["dir"] and new["eval"]["dir"] != old["eval"]["dir"]
     assert os.path.isfile(os.path.join(old["rl"]["dir"], "stage.json"))  # the old stage is left as it was
+
+
+def test_a_workdir_restored_elsewhere_is_reported_and_resumed_there(finished, tmp_path):
+    """The workdir copied to another path and the original gone (a restore, or workdirs gathered from machines):
+    the report reads the copy's stages, and a changed RL stage trains from the copy's SFT checkpoint."""
+    workdir, _, _ = finished
+    restored = str(tmp_path / "restored")
+    shutil.copytree(workdir, restored)
+    os.remove(os.path.join(restored, runs.REPORT))
+    aside = workdir + ".aside"
+    os.rename(workdir, aside)  # every absolute path in the copied records now names nothing
+    try:
+        table = report_lib.table_text(report_lib.write_report(restored))
+        assert re.search(r"^\| standard mid-train \+ SFT \+ GRPO( †)? \| 1 \| \d", table, re.M), table
+        changed = pipeline.run(_row(restored, **{"stages.rl.rl.max_new_tokens": 12}), write_report=False)
+        assert changed.status == "finished", changed.record
+        assert [s["skipped"] for s in changed.record["stages"]] == [True] * 4 + [False] * 2
+        assert all(s["dir"].startswith(restored) for s in changed.record["stages"])
+    finally:
+        os.rename(aside, workdir)
 
 
 def test_sweep_rows_share_the_mid_training_stage(finished):

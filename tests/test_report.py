@@ -2,6 +2,7 @@
 sweep that asked for a third row: mean ± sample standard deviation over seeds, pooled reliability bins,
 every figure drawn, the missing rows named with their state."""
 import os
+import shutil
 
 import pytest
 
@@ -116,3 +117,30 @@ def test_mean_and_spread_leaves_undefined_values_out():
     assert report.mean_and_spread([0.5, None]) == (0.5, None, 1)
     mean, spread, n = report.mean_and_spread([1.0, 2.0, 3.0])
     assert (mean, n) == (2.0, 3) and spread == pytest.approx(1.0)
+
+
+def test_a_moved_workdir_and_seeds_gathered_from_two_machines_are_reported(tmp_path):
+    # seed 0 and seed 1 of one row ran on two machines, each in its own /.../fwm_study; their workdirs are then
+    # copied into one directory elsewhere: the records' absolute paths name directories that no longer exist
+    machines = [str(tmp_path / f"machine{i}" / "fwm_study") for i in (0, 1)]
+    for seed, workdir in enumerate(machines):
+        _write_run(workdir, "a", seed, "finished", _eval_results(0.2 + 0.2 * seed, 0.1, [], []),
+                   rl=[(2, 0.1 * seed, 0.0)])
+    gathered = str(tmp_path / "gathered")
+    for workdir in machines:
+        for part in (runs.STAGES_DIR, runs.RUNS_DIR):
+            shutil.copytree(os.path.join(workdir, part), os.path.join(gathered, part), dirs_exist_ok=True)
+        shutil.rmtree(workdir)
+    rows, _ = report.gather(gathered)
+    assert sorted(rows[0].evals) == [0, 1] and sorted(rows[0].rl) == [0, 1]
+    assert rows[0].rl[1] == [(2, 0.1, 0.0)]
+    a = report.table_text(report.write_report(gathered)).splitlines()[2]
+    assert a.startswith("| A † | 2 | 30.0 ± 14.1 |"), a
+
+
+def test_located_prefers_the_workdirs_own_stage_directory(tmp_path):
+    elsewhere = str(tmp_path / "old" / runs.STAGES_DIR / "sft_full-0123456789ab")
+    assert runs.located(str(tmp_path / "new"), elsewhere) == elsewhere  # not here: the recorded path
+    here = os.path.join(str(tmp_path / "new"), runs.STAGES_DIR, "sft_full-0123456789ab")
+    os.makedirs(here)
+    assert runs.located(str(tmp_path / "new"), elsewhere + "/") == here

@@ -11,13 +11,12 @@ variation it does not cover).
 --require ROW: exit 1 unless every seed of ROW gains and the lower bound of its seed-mean gain's interval is at
 least --min_gain (a share: 0.01 = 1 pp).
 """
-import glob
-import json
 import os
 import sys
 
 from absl import app, flags
 
+from fwm import runs
 from fwm.eval.compare import mean_task_success, paired_gain, task_success
 
 flags.DEFINE_string("baseline", "fe_sft", "the row every other row is compared with (its seeds' mean success)")
@@ -29,11 +28,11 @@ FLAGS = flags.FLAGS
 def finished_evals(workdir: str) -> dict[str, dict[int, str]]:
     """row -> seed -> greedy episodes file of every finished (row, seed) in the workdir."""
     out: dict[str, dict[int, str]] = {}
-    for path in sorted(glob.glob(os.path.join(workdir, "runs", "*", "seed*", "row.json"))):
-        with open(path) as f:
-            record = json.load(f)
-        episodes = os.path.join(record.get("eval_dir") or "", "episodes_greedy.jsonl")
-        if record.get("status") == "finished" and os.path.exists(episodes):
+    for record in runs.read_rows(workdir):
+        if record.get("status") != "finished" or not record.get("eval_dir"):
+            continue
+        episodes = os.path.join(runs.located(workdir, record["eval_dir"]), "episodes_greedy.jsonl")
+        if os.path.exists(episodes):
             out.setdefault(record["row"], {})[int(record["seed"])] = episodes
     return out
 
