@@ -225,6 +225,7 @@ def markdown(workdir: str, rows: Sequence[RowRuns], sweep: Mapping[str, Any] | N
     expected_rows = list((sweep or {}).get("rows", [])) or [r.row for r in rows]
     expected_seeds = list((sweep or {}).get("seeds", []))
     records = {(rec["row"], int(rec["seed"])): rec for r in rows for rec in r.records}
+    evaluated = {(r.row, seed) for r in rows for seed in r.evals}
     missing = []
     for name in expected_rows:
         seeds = expected_seeds or sorted({int(rec["seed"]) for (row, _), rec in records.items() if row == name})
@@ -234,6 +235,12 @@ def markdown(workdir: str, rows: Sequence[RowRuns], sweep: Mapping[str, Any] | N
                 missing.append(f"- {name} seed {seed}: not started")
             elif rec["status"] != "finished" or (rec.get("plan", {}).get("eval") and not rec.get("eval_dir")):
                 missing.append(f"- {name} seed {seed}: {_state(rec)}")
+            elif rec.get("eval_dir") and (name, seed) not in evaluated:
+                # gathered without its eval stage's directory: finished, but nothing here to report
+                stage = os.path.basename(os.path.normpath(rec["eval_dir"]))
+                missing.append(f"- {name} seed {seed}: finished, but its eval.json is in neither "
+                               f"{os.path.join(runs.STAGES_DIR, stage)} here nor {rec['eval_dir']} (copy that "
+                               f"stage directory into this workdir's {runs.STAGES_DIR}/)")
     lines += ["## Missing rows", ""] + (missing or ["None: every row and seed asked for has finished."]) + [""]
     lines += ["## Figures", ""]
     captions = {"table": "The table as bars", "reliability": "Reliability diagram of q per row",

@@ -136,6 +136,11 @@ def test_a_moved_workdir_and_seeds_gathered_from_two_machines_are_reported(tmp_p
     assert rows[0].rl[1] == [(2, 0.1, 0.0)]
     a = report.table_text(report.write_report(gathered)).splitlines()[2]
     assert a.startswith("| A † | 2 | 30.0 ± 14.1 |"), a
+    # a seed gathered without its eval stage is named, not silently left out of the table
+    shutil.rmtree(os.path.join(gathered, runs.STAGES_DIR, "eval_full-ea1000000000"))
+    page = open(report.write_report(gathered), encoding="utf-8").read()
+    assert report.table_text(os.path.join(gathered, runs.REPORT)).splitlines()[2].startswith("| A † | 1 | 20.0 |")
+    assert "- a seed 1: finished, but its eval.json is in neither stages/eval_full-ea1000000000 here" in page
 
 
 def test_located_prefers_the_workdirs_own_stage_directory(tmp_path):
