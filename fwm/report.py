@@ -108,11 +108,11 @@ def gather(workdir: str) -> tuple[list[RowRuns], dict[str, Any] | None]:
                                                          record.get("reference", "")))
         entry.records.append(record)
         seed = int(record["seed"])
-        eval_dir = runs.located(workdir, record["eval_dir"]) if record.get("eval_dir") else None
+        eval_dir = record.get("eval_dir")
         if record["status"] == "finished" and eval_dir and os.path.isfile(os.path.join(eval_dir, "eval.json")):
             entry.evals[seed] = read_json(os.path.join(eval_dir, "eval.json"))
         for stage in record["stages"]:
-            metrics_file = os.path.join(runs.located(workdir, stage["dir"]), "metrics.jsonl")
+            metrics_file = os.path.join(stage["dir"], "metrics.jsonl")
             if stage["stage"] == "rl" and os.path.isfile(metrics_file):
                 entry.rl[seed] = [(int(r["step"]), float(r.get("reward", np.nan)), float(r.get("correct", np.nan)))
                                   for _, r in read_jsonl(metrics_file, stop_at_bad_line=True)]

@@ -57,7 +57,8 @@ def write_row(workdir: str, record: Mapping[str, Any]) -> str:
 
 
 def read_rows(workdir: str) -> list[dict[str, Any]]:
-    """Every WORKDIR/runs/*/seed*/row.json, sorted by (row, seed); DataFormatError naming a bad file."""
+    """Every WORKDIR/runs/*/seed*/row.json, sorted by (row, seed), each stage's `dir` and the `eval_dir` as
+    `located` in this workdir; DataFormatError naming a bad file."""
     root = os.path.join(workdir, RUNS_DIR)
     records = []
     for row in sorted(os.listdir(root)) if os.path.isdir(root) else ():
@@ -71,6 +72,11 @@ def read_rows(workdir: str) -> list[dict[str, Any]]:
             if missing:
                 raise DataFormatError(f"{path}: expected a row record with keys row, seed, status, stages; "
                                       f"missing {missing}")
+            for stage in record["stages"]:
+                if isinstance(stage, dict) and stage.get("dir"):
+                    stage["dir"] = located(workdir, stage["dir"])
+            if record.get("eval_dir"):
+                record["eval_dir"] = located(workdir, record["eval_dir"])
             records.append(record)
     return sorted(records, key=lambda r: (r["row"], int(r["seed"])))
 

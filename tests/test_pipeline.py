@@ -153,7 +153,6 @@ def test_a_workdir_restored_elsewhere_is_reported_and_resumed_there(finished, tm
     workdir, _, _ = finished
     restored = str(tmp_path / "restored")
     shutil.copytree(workdir, restored)
-    os.remove(os.path.join(restored, runs.REPORT))
     aside = workdir + ".aside"
     os.rename(workdir, aside)  # every absolute path in the copied records now names nothing
     try:

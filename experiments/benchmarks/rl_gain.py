@@ -31,7 +31,7 @@ def finished_evals(workdir: str) -> dict[str, dict[int, str]]:
     for record in runs.read_rows(workdir):
         if record.get("status") != "finished" or not record.get("eval_dir"):
             continue
-        episodes = os.path.join(runs.located(workdir, record["eval_dir"]), "episodes_greedy.jsonl")
+        episodes = os.path.join(record["eval_dir"], "episodes_greedy.jsonl")
         if os.path.exists(episodes):
             out.setdefault(record["row"], {})[int(record["seed"])] = episodes
     return out
