@@ -3,7 +3,8 @@
 Reads what `fwm pipeline` left (fwm/runs.py): every runs/ROW/seedS/row.json, the eval.json of its eval stage,
 the metrics.jsonl of its rl stage, and sweep.json (the rows and seeds a sweep asked for). Writes
 WORKDIR/report.md and WORKDIR/figures/{reliability,risk_coverage,rl_curves,table}.png; whatever has finished
-is reported, and the rows and seeds that have not are listed with their state.
+is reported, and the rows and seeds that have not are listed with their state; a second table gives every
+finished seed's own values.
 
 Metrics (greedy episodes on the held-out tasks, fwm/eval/): task score, format adherence, ECE / Brier /
 AUROC of every step's q against the episode's success, keyword grounding, planning horizon, recovery rate,
@@ -84,6 +85,7 @@ METRICS = (
     Metric("mean_at_k", "mean@k %", PCT, _at_k("mean")),
     Metric("pass_at_k", "pass@k %", PCT, _at_k("pass")),
 )
+METRIC_BY_KEY = {m.key: m for m in METRICS}
 BAR_METRICS = ("score", "format", "auroc", "ece", "grounding", "recovery")
 
 
@@ -193,6 +195,20 @@ def _state(record: Mapping[str, Any]) -> str:
     return f"{record['status']}{where}{error}"
 
 
+def per_seed_table(rows: Sequence[RowRuns], shown: Sequence[Metric]) -> list[str]:
+    """The '## Per seed' section: each finished (row, seed) with the table's columns, so the spread can be read
+    (which seed moved a row) and seeds reported in different workdirs can be combined."""
+    lines = ["## Per seed", "", "| row | seed | " + " | ".join(m.header for m in shown) + " |",
+             "|---|---|" + "---|" * len(shown)]
+    for r in rows:
+        for seed in sorted(r.evals):
+            format_value = METRIC_BY_KEY["format"].get(r.evals[seed])
+            label = f"{r.label} {FORMAT_MARK}" if format_value is not None and format_value < MIN_FORMAT else r.label
+            lines.append(f"| {label} | {seed} | "
+                         + " | ".join(_cell(m.get(r.evals[seed]), None, m) for m in shown) + " |")
+    return lines + [""]
+
+
 def markdown(workdir: str, rows: Sequence[RowRuns], sweep: Mapping[str, Any] | None,
              figure_paths: Mapping[str, str | None]) -> str:
     """The page written to WORKDIR/report.md."""
@@ -220,6 +236,7 @@ def markdown(workdir: str, rows: Sequence[RowRuns], sweep: Mapping[str, Any] | N
         lines.append("")
         if any(format_limited(values[r.row]) for r in finished):
             lines += [FORMAT_NOTE, ""]
+        lines += per_seed_table(finished, shown)
     else:
         lines += ["No row has finished its evaluation yet.", ""]
     expected_rows = list((sweep or {}).get("rows", [])) or [r.row for r in rows]

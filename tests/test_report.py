@@ -86,6 +86,12 @@ def test_report_of_a_partly_finished_sweep(tmp_path):
     assert "- b seed 1: preempted" in page and "- c seed 0: not started" in page and "- c seed 1: not started" in page
     assert "a seed 0" not in page.split("## Missing rows")[1].split("## Figures")[0]
     assert page.count("† format adherence below 95%") == 1
+    # each finished seed's own values, with the table's columns (b seed 1 was preempted: not there)
+    per_seed = page.split("## Per seed")[1].split("## Missing rows")[0].strip().splitlines()
+    assert [c.strip() for c in per_seed[0].strip("|").split("|")] == ["row", "seed"] + header[2:-1]
+    assert [line.split("|")[1:4] for line in per_seed[2:]] == [[" A † ", " 0 ", " 20.0 "], [" A † ", " 1 ", " 40.0 "],
+                                                                [" B ", " 0 ", " 0.0 "]]
+    assert per_seed[3].split("|")[header.index("recovery n") + 1].strip() == "7"
     assert "> mechanics only" in page and "rl_fc_rl 12, eval_full reused" in page
     for name in ("table", "reliability", "risk_coverage", "rl_curves"):
         assert f"figures/{name}.png" in page
