@@ -102,10 +102,14 @@ def test_every_stage_runs_and_the_report_holds_numbers(finished):
     assert results["greedy"]["by_source"]["all"]["episodes"] == 4 and results["sampled"]["k"] == 2
 
     report = open(os.path.join(workdir, runs.REPORT), encoding="utf-8").read()
-    table = [line for line in report.splitlines() if line.startswith("| standard mid-train + SFT + GRPO ")]
+    results_table = report_lib.table_text(os.path.join(workdir, runs.REPORT)).splitlines()
+    table = [line for line in results_table if line.startswith("| standard mid-train + SFT + GRPO ")]
     assert len(table) == 1
     cells = [cell.strip() for cell in table[0].strip("|").split("|")]
-    header = [line for line in report.splitlines() if line.startswith("| row | n |")][0]
+    header = results_table[0]
+    # the Per seed table repeats the row with its one seed's values
+    assert re.search(r"^\| standard mid-train \+ SFT \+ GRPO( †)? \| 0 \| " + re.escape(cells[2]) + r" \|",
+                     report.split("## Per seed")[1], re.M)
     columns = [cell.strip() for cell in header.strip("|").split("|")]
     assert {"score %", "format %", "recovery %", "selected@k %", "paper"} <= set(columns)
     for column in ("score %", "format %", "recovery %", "selected@k %", "tokens/episode"):
