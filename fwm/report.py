@@ -147,10 +147,14 @@ def table(rows: Sequence[RowRuns]) -> tuple[list[Metric], dict[str, dict[str, tu
     return shown, values
 
 
+def below_format(format_adherence: float | None) -> bool:
+    """Whether a format adherence (a share) is below MIN_FORMAT: the row is marked FORMAT_MARK."""
+    return format_adherence is not None and format_adherence < MIN_FORMAT
+
+
 def format_limited(cells: Mapping[str, tuple[float | None, float | None, int]]) -> bool:
     """Whether a row's mean format adherence (its `table` cells) is below MIN_FORMAT."""
-    mean = cells.get("format", (None, None, 0))[0]
-    return mean is not None and mean < MIN_FORMAT
+    return below_format(cells.get("format", (None, None, 0))[0])
 
 
 def _pooled_bins(evals: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
@@ -202,8 +206,8 @@ def per_seed_table(rows: Sequence[RowRuns], shown: Sequence[Metric]) -> list[str
              "|---|---|" + "---|" * len(shown)]
     for r in rows:
         for seed in sorted(r.evals):
-            format_value = METRIC_BY_KEY["format"].get(r.evals[seed])
-            label = f"{r.label} {FORMAT_MARK}" if format_value is not None and format_value < MIN_FORMAT else r.label
+            marked = below_format(METRIC_BY_KEY["format"].get(r.evals[seed]))
+            label = f"{r.label} {FORMAT_MARK}" if marked else r.label
             lines.append(f"| {label} | {seed} | "
                          + " | ".join(_cell(m.get(r.evals[seed]), None, m) for m in shown) + " |")
     return lines + [""]
