@@ -72,3 +72,21 @@ def test_mean_task_success_over_seeds_by_hand():
     assert (gain.gain, gain.improved, gain.worsened) == (pytest.approx(0.5 / 3), 1, 0)
     with pytest.raises(ValueError, match="at least one run"):
         compare.mean_task_success([])
+
+
+def test_seed_baselines_pairs_a_seed_with_the_baselines_same_seed():
+    baseline = {1: {"a": 1.0, "b": 0.0}, 2: {"a": 0.0, "b": 0.0}, 5: {"a": 1.0, "b": 1.0}}
+    per_seed, pooled, pooled_seeds = compare.seed_baselines(baseline, [1, 2])
+    # Seeds 1 and 2 meet their own baseline seed; the seed mean meets the baseline's mean over seeds 1-2, not 5.
+    assert per_seed == {1: baseline[1], 2: baseline[2]}
+    assert (pooled, pooled_seeds) == ({"a": 0.5, "b": 0.0}, (1, 2))
+    # Seed 3 has no baseline twin: it and the seed mean meet the mean over all three baseline seeds.
+    per_seed, pooled, pooled_seeds = compare.seed_baselines(baseline, [1, 3])
+    everything = {"a": pytest.approx(2 / 3), "b": pytest.approx(1 / 3)}
+    assert per_seed[1] == baseline[1] and per_seed[3] == everything
+    assert (pooled, pooled_seeds) == (everything, (1, 2, 5))
+    # A row seed 2 that solves a only: +0.5 over baseline seed 2, +0.0 over the three seeds' mean.
+    assert compare.paired_gain(baseline[2], {"a": 1.0, "b": 0.0}).gain == pytest.approx(0.5)
+    assert compare.paired_gain(per_seed[3], {"a": 1.0, "b": 0.0}).gain == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="at least one baseline run"):
+        compare.seed_baselines({}, [0])

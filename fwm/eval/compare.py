@@ -85,6 +85,24 @@ def mean_task_success(runs: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return {task_id: float(np.mean([run[task_id] for run in runs])) for task_id in sorted(shared)}
 
 
+def seed_baselines(baseline_by_seed: Mapping[int, Mapping[str, float]], seeds: Sequence[int]
+                   ) -> tuple[dict[int, Mapping[str, float]], dict[str, float], tuple[int, ...]]:
+    """What each seed of a row and the row's seed mean are paired with, given the baseline row's runs by seed.
+
+    A seed that the baseline also ran is paired with the baseline's same seed (when seeds vary the whole
+    pipeline, seed s of both rows shares its data and stage-0 model); any other seed with the mean over all the
+    baseline's seeds. The row's seed mean is paired with the baseline's mean over the same seeds when the baseline
+    ran every one of them, else over all its seeds. Returns (seed -> baseline, seed-mean baseline, the baseline
+    seeds that mean covers)."""
+    if not baseline_by_seed:
+        raise ValueError("seed_baselines needs at least one baseline run")
+    everything = mean_task_success([baseline_by_seed[s] for s in sorted(baseline_by_seed)])
+    per_seed = {seed: baseline_by_seed.get(seed, everything) for seed in seeds}
+    pooled_seeds = tuple(sorted(seeds)) if seeds and set(seeds) <= set(baseline_by_seed) \
+        else tuple(sorted(baseline_by_seed))
+    return per_seed, mean_task_success([baseline_by_seed[s] for s in pooled_seeds]), pooled_seeds
+
+
 def compare_runs(before_dir: str, after_dir: str, **kwargs) -> list[PairedGain]:
     """One PairedGain per episode kind that both eval workdirs hold (FileNotFoundError when none is shared)."""
     gains = []
