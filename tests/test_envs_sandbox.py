@@ -13,20 +13,43 @@ MODES = ["audit", pytest.param("namespace", marks=pytest.mark.skipif(
     NAMESPACE_PROBLEM is not None, reason=f"namespace isolation unavailable: {NAMESPACE_PROBLEM}"))]
 
 
+def _proc_field(pid: int, name: str) -> int | None:
+    """An integer field of /proc/PID/status (first value: real uid for "Uid"), None once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return int(next(line for line in f if line.startswith(name + ":")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _is_sandbox_uid(uid: int | None) -> bool:
+    return uid is not None and sandbox._UID_BASE <= uid < sandbox._UID_BASE + sandbox._UID_SPAN
+
+
+def _in_another_callers_call(pid: int) -> bool:
+    """Whether `pid` runs inside a live run_python call of another process (a peer pytest worker).
+
+    A namespace call is caller -> `unshare` (root) -> interpreter under the per-call uid; a process that
+    escaped its call is reparented away from that `unshare`, so only live calls of others are excused.
+    """
+    while _is_sandbox_uid(_proc_field(pid, "Uid")):
+        pid = _proc_field(pid, "PPid") or 0
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            program = os.path.basename(f.read().split(b"\0")[0])
+    except OSError:
+        return False
+    caller = _proc_field(pid, "PPid")
+    return program == b"unshare" and caller not in (None, 0, 1, os.getpid())
+
+
 def _sandbox_uid_processes() -> list[int]:
-    """Processes running under a per-call sandbox uid (namespace mode); none may outlive run_python."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/status") as f:
-                uid_line = next(line for line in f if line.startswith("Uid:"))
-        except (OSError, StopIteration):
-            continue
-        if sandbox._UID_BASE <= int(uid_line.split()[1]) < sandbox._UID_BASE + sandbox._UID_SPAN:
-            pids.append(int(name))
-    return pids
+    """Processes under a per-call sandbox uid (namespace mode) that outlived this process's run_python calls.
+
+    Peer workers' calls in flight (pytest-xdist runs the math and data tests beside this file) are not ours.
+    """
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()
+            and _is_sandbox_uid(_proc_field(int(name), "Uid")) and not _in_another_callers_call(int(name))]
 
 
 def test_auto_mode_matches_probe():
