@@ -13,43 +13,50 @@ MODES = ["audit", pytest.param("namespace", marks=pytest.mark.skipif(
     NAMESPACE_PROBLEM is not None, reason=f"namespace isolation unavailable: {NAMESPACE_PROBLEM}"))]
 
 
-def _proc_field(pid: int, name: str) -> int | None:
-    """An integer field of /proc/PID/status (first value: real uid for "Uid"), None once the process is gone."""
+def _uid_and_parent(pid: int) -> tuple[int, int] | None:
+    """(real uid, parent pid) of a process from /proc/PID/status; None once it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            return int(next(line for line in f if line.startswith(name + ":")).split()[1])
-    except (OSError, StopIteration, ValueError):
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("Uid:", "PPid:")))
+        return int(fields["Uid"].split()[0]), int(fields["PPid"])
+    except (OSError, KeyError, ValueError):
         return None
 
 
-def _is_sandbox_uid(uid: int | None) -> bool:
-    return uid is not None and sandbox._UID_BASE <= uid < sandbox._UID_BASE + sandbox._UID_SPAN
+def _is_sandbox_uid(uid: int) -> bool:
+    return sandbox._UID_BASE <= uid < sandbox._UID_BASE + sandbox._UID_SPAN
 
 
-def _in_another_callers_call(pid: int) -> bool:
-    """Whether `pid` runs inside a live run_python call of another process (a peer pytest worker).
+def _outlived_its_call(pid: int) -> bool:
+    """Whether `pid` runs under a per-call sandbox uid outside any live run_python call of another process.
 
-    A namespace call is caller -> `unshare` (root) -> interpreter under the per-call uid; a process that
-    escaped its call is reparented away from that `unshare`, so only live calls of others are excused.
+    A namespace call is caller -> `unshare` (root) -> interpreter under the per-call uid, so a peer pytest
+    worker's call in flight has an `unshare` with a live parent other than this process above its sandbox-uid
+    processes; a process that escaped its call is reparented away from that `unshare` (to init). A process or
+    ancestor that vanishes during the walk belonged to a call that just ended (an escaped one would persist).
     """
-    while _is_sandbox_uid(_proc_field(pid, "Uid")):
-        pid = _proc_field(pid, "PPid") or 0
+    status = _uid_and_parent(pid)
+    if status is None or not _is_sandbox_uid(status[0]):
+        return False
+    while status is not None and _is_sandbox_uid(status[0]):
+        pid = status[1]
+        status = _uid_and_parent(pid)
+    if status is None:
+        return False
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             program = os.path.basename(f.read().split(b"\0")[0])
     except OSError:
         return False
-    caller = _proc_field(pid, "PPid")
-    return program == b"unshare" and caller not in (None, 0, 1, os.getpid())
+    return not (program == b"unshare" and status[1] not in (0, 1, os.getpid()))
 
 
 def _sandbox_uid_processes() -> list[int]:
-    """Processes under a per-call sandbox uid (namespace mode) that outlived this process's run_python calls.
+    """Processes under a per-call sandbox uid (namespace mode) that outlived their run_python call.
 
-    Peer workers' calls in flight (pytest-xdist runs the math and data tests beside this file) are not ours.
+    Peer workers' calls in flight (pytest-xdist runs other files' sandbox calls beside this one) are not leaks.
     """
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()
-            and _is_sandbox_uid(_proc_field(int(name), "Uid")) and not _in_another_callers_call(int(name))]
+    return [int(name) for name in os.listdir("/proc") if name.isdigit() and _outlived_its_call(int(name))]
 
 
 def test_auto_mode_matches_probe():
